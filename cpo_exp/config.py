@@ -1,0 +1,226 @@
+"""Typed configuration: one dataclass per config group, TRL's CPOConfig defaults.
+
+These dataclasses are the single authoritative home of every key, its type and its default.
+Hydra composes YAML presets from ``conf/`` on top of them (see ``cpo_exp.cli``); the engine,
+the losses and the data pipeline receive the resulting objects and never see Hydra.
+:func:`validate` checks what types cannot, before any model or data is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from cpo_exp.losses import LOSS_TYPES, NO_LABEL_SMOOTHING, LossSpec
+
+
+class ConfigError(ValueError):
+    """An impossible configuration value; the message names the key."""
+
+
+@dataclass
+class LossConfig:
+    """The loss variant, chosen with ``loss=<name>``; its knobs are top-level keys."""
+
+    name: str = "sigmoid"
+
+
+@dataclass
+class ModelConfig:
+    """Any causal LM: a local folder or a hub id, loaded through one code path.
+
+    ``random_init`` builds the architecture from the folder's ``config.json`` with fresh
+    weights instead of loading checkpoint weights (the embedded default has no weights).
+    ``pkg://cpo_exp/...`` paths point into the installed package.
+    """
+
+    name_or_path: str = "???"
+    random_init: bool = False
+    dtype: str = "float32"
+    revision: Optional[str] = None
+    trust_remote_code: bool = False
+    attn_implementation: Optional[str] = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    """Preference pairs: local files (``train_files``/``eval_files``) or a hub dataset (``path``)."""
+
+    path: Optional[str] = None
+    name: Optional[str] = None
+    train_files: list[str] = field(default_factory=list)
+    eval_files: list[str] = field(default_factory=list)
+    train_split: str = "train"
+    eval_split: Optional[str] = None
+    eval_fraction: float = 0.0
+    max_train_samples: Optional[int] = None
+    max_eval_samples: Optional[int] = None
+    columns: dict[str, str] = field(default_factory=dict)
+    on_bad_rows: str = "error"
+    num_proc: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation schedule; names and defaults as in TRL's CPOConfig / TrainingArguments."""
+
+    learning_rate: float = 1e-6
+    per_device_train_batch_size: int = 8
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    logging_steps: int = 10
+    # Evaluate every ``eval_steps`` optimizer steps (and always once before and after training
+    # when an eval split exists); null evaluates only before and after.
+    eval_steps: Optional[int] = None
+    seed: int = 42
+    disable_dropout: bool = True
+    # Progress bars: null shows them only when stderr is a terminal.
+    progress_bar: Optional[bool] = None
+    save_model: bool = True
+
+
+@dataclass
+class HardwareConfig:
+    """Device placement and precision, handed to ``accelerate.Accelerator``."""
+
+    mixed_precision: str = "no"
+    cpu: bool = False
+
+
+@dataclass
+class TrackingConfig:
+    """Where metrics go. ``backend: none`` runs without MLflow."""
+
+    backend: str = "mlflow"
+    # null: $MLFLOW_TRACKING_URI, else sqlite:///<launch dir>/mlflow.db
+    tracking_uri: Optional[str] = None
+    experiment_name: str = "cpo_exp"
+    # null: named from the command-line overrides (e.g. "loss=simpo,cpo_alpha=0")
+    run_name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    """The whole run. Loss knobs and sequence lengths are top-level, as in TRL's CPOConfig."""
+
+    loss: LossConfig = field(default_factory=LossConfig)
+    beta: float = 0.1
+    cpo_alpha: float = 1.0
+    simpo_gamma: float = 0.5
+    label_smoothing: float = 0.0
+    alpha: float = 0.0
+    max_length: int = 1024
+    max_prompt_length: Optional[int] = 512
+    max_completion_length: Optional[int] = None
+    truncation_mode: str = "keep_end"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # Where the model and logs of this run go; the CLI sets it to Hydra's run directory.
+    output_dir: str = "outputs/run"
+
+    def loss_spec(self) -> LossSpec:
+        return LossSpec(
+            name=self.loss.name,
+            beta=self.beta,
+            cpo_alpha=self.cpo_alpha,
+            simpo_gamma=self.simpo_gamma,
+            label_smoothing=self.label_smoothing,
+            alpha=self.alpha,
+        )
+
+
+_SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+)
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_PRECISIONS = ("no", "fp16", "bf16")
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {rule} (got {value!r})")
+
+
+def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
+    _require(value in options, key, "must be one of " + ", ".join(options), value)
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible values with a message naming the key. Cheap: loads nothing."""
+    _one_of("loss", cfg.loss.name, LOSS_TYPES)
+    _require(cfg.beta > 0 and math.isfinite(cfg.beta), "beta", "must be > 0", cfg.beta)
+    _require(cfg.cpo_alpha >= 0, "cpo_alpha", "must be >= 0", cfg.cpo_alpha)
+    _require(0 <= cfg.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)", cfg.label_smoothing)
+    if cfg.label_smoothing > 0 and cfg.loss.name in NO_LABEL_SMOOTHING:
+        raise ConfigError(
+            f"label_smoothing={cfg.label_smoothing} has no meaning for loss={cfg.loss.name}: "
+            "the hinge and IPO losses have no label-smoothed form (TRL warns and ignores it). "
+            "Set label_smoothing=0 or use loss=sigmoid/simpo."
+        )
+    _require(math.isfinite(cfg.simpo_gamma), "simpo_gamma", "must be finite", cfg.simpo_gamma)
+    _require(math.isfinite(cfg.alpha), "alpha", "must be finite", cfg.alpha)
+
+    _require(cfg.max_length > 1, "max_length", "must be > 1", cfg.max_length)
+    if cfg.max_prompt_length is not None:
+        _require(
+            0 < cfg.max_prompt_length < cfg.max_length,
+            "max_prompt_length",
+            f"must be in (0, max_length={cfg.max_length}) so that completions have room",
+            cfg.max_prompt_length,
+        )
+    if cfg.max_completion_length is not None:
+        _require(cfg.max_completion_length > 0, "max_completion_length", "must be > 0", cfg.max_completion_length)
+    _one_of("truncation_mode", cfg.truncation_mode, ("keep_end", "keep_start"))
+
+    _require(bool(cfg.model.name_or_path) and cfg.model.name_or_path != "???",
+             "model.name_or_path", "must name a folder or a hub id", cfg.model.name_or_path)
+    _one_of("model.dtype", cfg.model.dtype, _DTYPES)
+
+    d = cfg.data
+    _require(bool(d.train_files) or bool(d.path), "data.path",
+             "or data.train_files must name the training data", d.path)
+    _require(0 <= d.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)", d.eval_fraction)
+    for key in ("max_train_samples", "max_eval_samples"):
+        value = getattr(d, key)
+        if value is not None:
+            _require(value > 0, f"data.{key}", "must be > 0", value)
+    _one_of("data.on_bad_rows", d.on_bad_rows, ("error", "skip"))
+
+    t = cfg.train
+    _require(t.learning_rate > 0, "train.learning_rate", "must be > 0", t.learning_rate)
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                "logging_steps"):
+        _require(getattr(t, key) > 0, f"train.{key}", "must be > 0", getattr(t, key))
+    _require(t.max_steps > 0 or t.num_train_epochs > 0, "train.max_steps",
+             "or train.num_train_epochs must be > 0", t.max_steps)
+    _require(0 <= t.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", t.warmup_ratio)
+    _require(t.warmup_steps >= 0, "train.warmup_steps", "must be >= 0", t.warmup_steps)
+    _one_of("train.lr_scheduler_type", t.lr_scheduler_type, _SCHEDULERS)
+    _require(t.weight_decay >= 0, "train.weight_decay", "must be >= 0", t.weight_decay)
+    _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)", t.max_grad_norm)
+    if t.eval_steps is not None:
+        _require(t.eval_steps > 0, "train.eval_steps", "must be > 0 or null", t.eval_steps)
+
+    _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
+    _one_of("tracking.backend", cfg.tracking.backend, ("mlflow", "none"))

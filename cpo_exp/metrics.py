@@ -1,0 +1,79 @@
+"""The one place that decides which metrics exist and what they are called.
+
+Names and definitions are TRL's ``CPOTrainer.get_batch_loss_metrics``: each value is a mean
+over one batch, and a logged value is the mean of the batch values in its logging window.
+Eval metrics carry the ``eval_`` prefix.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+PAIR_METRICS = (
+    "loss",
+    "nll_loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+)
+EVAL_PREFIX = "eval_"
+
+
+def pair_metrics(
+    loss: torch.Tensor,
+    nll_loss: torch.Tensor,
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_logits_mean: torch.Tensor,
+    rejected_logits_mean: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Batch means as detached 0-d tensors (no host sync here; see :class:`MetricWindow`)."""
+    values = {
+        "loss": loss,
+        "nll_loss": nll_loss,
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": chosen_logps.mean(),
+        "logps/rejected": rejected_logps.mean(),
+        "logits/chosen": chosen_logits_mean,
+        "logits/rejected": rejected_logits_mean,
+    }
+    return {name: value.detach().float() for name, value in values.items()}
+
+
+class MetricWindow:
+    """Collects per-batch metric tensors and averages them when the window is read.
+
+    Values stay on the device until :meth:`flush`, so a training step never waits for a
+    device-to-host copy just to record a metric.
+    """
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[torch.Tensor]] = defaultdict(list)
+
+    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            self._values[name].append(value)
+
+    def __len__(self) -> int:
+        return max((len(v) for v in self._values.values()), default=0)
+
+    def flush(self, prefix: str = "") -> dict[str, float]:
+        """The window's means as floats (one host sync), then an empty window."""
+        names = list(self._values)
+        if not names:
+            return {}
+        means = torch.stack([torch.stack(self._values[n]).mean() for n in names]).tolist()
+        self._values.clear()
+        return {prefix + name: mean for name, mean in zip(names, means)}

@@ -1,0 +1,61 @@
+"""Load a causal LM and its tokenizer from a local folder or a hub id (one code path for both)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from cpo_exp.assets import locate
+from cpo_exp.config import ModelConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer, with a pad token guaranteed (EOS stands in when there is none, as in TRL)."""
+    tokenizer = AutoTokenizer.from_pretrained(
+        locate(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer of {cfg.name_or_path} has no EOS token; completions need one")
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Load weights, or build fresh ones from the folder's config when ``random_init`` is set."""
+    path = locate(cfg.name_or_path)
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    dtype = _DTYPES.get(cfg.dtype, "auto")
+    if cfg.random_init:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype if dtype != "auto" else None, trust_remote_code=cfg.trust_remote_code
+        )
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    if model.config.is_encoder_decoder:
+        raise ValueError(f"{cfg.name_or_path} is an encoder-decoder model; only causal LMs are supported")
+    # The model must agree with the tokenizer on padding from the start (generation uses it).
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Set every dropout probability to zero (TRL's ``disable_dropout``).
+
+    Attention dropout in transformers is a float attribute of the attention module, not an
+    ``nn.Dropout``, so it is zeroed too.
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real CLI in a subprocess, a temporary MLflow store, tiny real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# A quick schedule for end-to-end runs of the embedded default (the full default is tested once).
+QUICK = ["train.max_steps=6", "train.logging_steps=3", "train.eval_steps=3", "data.max_eval_samples=16"]
+
+
+def run_cli(*args: str, cwd: Path, env: dict | None = None, module: str = "cpo_exp",
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    """``python -m cpo_exp ARGS`` in ``cwd``, as a user would run it."""
+    # The developer's own tracking server must never receive test runs.
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    """An empty launch directory: runs write outputs/ and mlflow.db here."""
+    return tmp_path
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def toy_rows() -> list[dict]:
+    return [
+        {"prompt": "Translate English to German.\nEnglish: the dog sees the cat\nGerman:",
+         "chosen": " der Hund sieht die Katze", "rejected": " der Hund sieht den Katze"},
+        {"prompt": "Translate English to German.\nEnglish: the red car\nGerman:",
+         "chosen": " das rote Auto", "rejected": " das Auto rote"},
+        {"prompt": "Translate English to German.\nEnglish: a small house\nGerman:",
+         "chosen": " ein kleines Haus", "rejected": " ein Haus"},
+        {"prompt": "Translate English to German.\nEnglish: the woman reads\nGerman:",
+         "chosen": " die Frau liest", "rejected": " die Frau schreibt"},
+    ]
