@@ -1,0 +1,151 @@
+"""The engine's numbers: log-probs by hand, every metric against TRL's CPOTrainer, determinism."""
+
+from __future__ import annotations
+
+import datasets
+import pytest
+import torch
+
+from cpo_exp.config import HardwareConfig, ModelConfig, TrainConfig
+from cpo_exp.data import PreferenceCollator, SequenceLengths, tokenize_dataset, tokenize_row
+from cpo_exp.engine import pair_loss, sequence_logps, token_logps, train
+from cpo_exp.losses import LossSpec
+from cpo_exp.models import load_model, load_tokenizer
+
+TINY = ModelConfig(name_or_path="pkg://cpo_exp/assets/tiny_qwen2", random_init=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TINY)
+
+
+def fresh_model(tokenizer, seed: int = 0):
+    torch.manual_seed(seed)
+    return load_model(TINY, tokenizer)
+
+
+def test_token_logps_shift_and_mask_by_hand():
+    logits = torch.randn(1, 4, 5)
+    labels = torch.tensor([[-100, -100, 3, 1]])  # the first two positions are prompt
+    per_token, mask = token_logps(logits, labels)
+    logp = logits.log_softmax(-1)
+    # position t predicts label t+1: the prompt's last position predicts the first completion token
+    expected = [0.0, logp[0, 1, 3].item(), logp[0, 2, 1].item()]
+    assert per_token[0].tolist() == pytest.approx(expected, abs=1e-6)
+    assert mask[0].tolist() == [False, True, True]
+    assert sequence_logps(per_token, mask, average=False).item() == pytest.approx(sum(expected), abs=1e-6)
+    assert sequence_logps(per_token, mask, average=True).item() == pytest.approx(sum(expected) / 2, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- against TRL
+
+cpo = pytest.importorskip("trl.experimental.cpo")
+
+SPECS = [
+    LossSpec("sigmoid", beta=0.1, cpo_alpha=1.0),
+    LossSpec("sigmoid", beta=0.5, cpo_alpha=1.0, label_smoothing=0.2),
+    LossSpec("hinge", beta=0.3, cpo_alpha=0.5),
+    LossSpec("ipo", beta=0.5, cpo_alpha=1.0),
+    LossSpec("simpo", beta=2.0, cpo_alpha=0.0, simpo_gamma=0.5),
+    LossSpec("simpo", beta=2.0, cpo_alpha=1.0, simpo_gamma=0.5),
+    LossSpec("alphapo", beta=2.0, cpo_alpha=0.0, simpo_gamma=0.5, alpha=0.25),
+]
+
+
+def trl_trainer(model, tokenizer, rows, spec: LossSpec, tmp_path, max_length=1024):
+    args = cpo.CPOConfig(
+        output_dir=str(tmp_path), loss_type=spec.name, beta=spec.beta, cpo_alpha=spec.cpo_alpha,
+        simpo_gamma=spec.simpo_gamma, label_smoothing=spec.label_smoothing, alpha=spec.alpha,
+        max_length=max_length, report_to=[], use_cpu=True, bf16=False, gradient_checkpointing=False,
+        per_device_train_batch_size=len(rows),
+    )
+    return cpo.CPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                          processing_class=tokenizer)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-a{s.cpo_alpha}-ls{s.label_smoothing}")
+def test_metrics_and_loss_equal_trl_cpotrainer(spec, tokenizer, toy_rows, tmp_path):
+    model = fresh_model(tokenizer)
+    trainer = trl_trainer(model, tokenizer, toy_rows, spec, tmp_path)
+    trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(toy_rows))])
+    trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, trl_batch)
+
+    ours = [tokenize_row(r, tokenizer, SequenceLengths()) for r in toy_rows]
+    batch = PreferenceCollator(tokenizer.pad_token_id)(ours)
+    loss, metrics = pair_loss(trainer.model, batch, spec)
+
+    torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6)
+    for name, value in metrics.items():
+        if name == "loss":
+            continue
+        if name == "nll_loss" and spec.cpo_alpha == 0:
+            assert trl_metrics["nll_loss"] == 0.0 and value > 0  # TRL logs 0; we keep the diagnostic
+            continue
+        assert value.item() == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name
+
+
+def test_gradients_equal_trl(tokenizer, toy_rows, tmp_path):
+    spec = LossSpec("simpo", beta=2.0, cpo_alpha=1.0)
+    model = fresh_model(tokenizer)
+    trainer = trl_trainer(model, tokenizer, toy_rows, spec, tmp_path)
+    trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(toy_rows))])
+    trainer.get_batch_loss_metrics(trainer.model, trl_batch)[0].backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    batch = PreferenceCollator(tokenizer.pad_token_id)([tokenize_row(r, tokenizer, SequenceLengths())
+                                                         for r in toy_rows])
+    pair_loss(model, batch, spec)[0].backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("max_length", [1024, 24, 19])
+def test_tokenization_equals_trl(tokenizer, toy_rows, tmp_path, max_length):
+    """Same ids and labels as TRL, also when completions are truncated (no prompt truncation in TRL 1.16)."""
+    model = fresh_model(tokenizer)
+    trainer = trl_trainer(model, tokenizer, toy_rows, LossSpec(), tmp_path, max_length=max_length)
+    lengths = SequenceLengths(max_length=max_length, max_prompt_length=None)
+    for k, row in enumerate(toy_rows):
+        theirs = trainer.train_dataset[k]
+        ours = tokenize_row(row, tokenizer, lengths)
+        for key in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+            assert ours[key] == theirs[key], (k, key)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def tiny_run(tokenizer, rows, tmp_path, **train_kwargs):
+    data = tokenize_dataset(datasets.Dataset.from_list(rows * 4), tokenizer, SequenceLengths(), "train", "error")
+    cfg = TrainConfig(learning_rate=1e-3, per_device_train_batch_size=4, max_steps=4, logging_steps=2,
+                      eval_steps=2, progress_bar=False, save_model=False, **train_kwargs)
+    logged = []
+    result = train(fresh_model(tokenizer), tokenizer, data, data, LossSpec(), cfg, HardwareConfig(cpu=True),
+                   str(tmp_path), lambda metrics, step: logged.append((step, metrics)))
+    return result, logged
+
+
+def test_same_seed_same_metrics(tokenizer, toy_rows, tmp_path):
+    first, _ = tiny_run(tokenizer, toy_rows, tmp_path)
+    second, _ = tiny_run(tokenizer, toy_rows, tmp_path)
+    assert first.eval_metrics == second.eval_metrics
+    assert first.train_metrics["loss"] == second.train_metrics["loss"]
+
+
+def test_logs_every_trl_metric_for_train_and_eval(tokenizer, toy_rows, tmp_path):
+    result, logged = tiny_run(tokenizer, toy_rows, tmp_path)
+    names = {"loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+             "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"}
+    train_keys = set().union(*(m.keys() for _, m in logged if "loss" in m))
+    eval_keys = set().union(*(m.keys() for _, m in logged if "eval_loss" in m))
+    assert names | {"learning_rate", "grad_norm", "epoch", "tokens_per_second"} <= train_keys
+    assert {"eval_" + n for n in names} <= eval_keys
+    assert [s for s, m in logged if "eval_loss" in m] == [0, 2, 4]
+    assert result.global_step == 4
+
+
+def test_gradient_accumulation_counts_optimizer_steps(tokenizer, toy_rows, tmp_path):
+    result, logged = tiny_run(tokenizer, toy_rows, tmp_path, gradient_accumulation_steps=2)
+    assert result.global_step == 4
+    assert [s for s, m in logged if "loss" in m] == [2, 4]
