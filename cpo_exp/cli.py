@@ -49,14 +49,11 @@ def run(dcfg: DictConfig) -> Optional[float]:
     cfg.output_dir = hydra_cfg.runtime.output_dir
     validate(cfg)
 
-    import datasets
     import transformers
 
     from cpo_exp import engine, models
 
-    if not engine.show_progress(cfg.train):  # bars only clutter log files and CI output
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
+    quiet_progress_bars(cfg)
 
     overrides = list(hydra_cfg.overrides.task)
     tags = {f"choice/{k}": v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
@@ -77,18 +74,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
             tracker.log_artifacts(str(hydra_dir), "hydra")
 
         tokenizer = models.load_tokenizer(cfg.model)
-        lengths = SequenceLengths(cfg.max_length, cfg.max_prompt_length, cfg.max_completion_length,
-                                  cfg.truncation_mode)
-        train_raw, eval_raw = load_splits(cfg.data, cfg.train.seed)
-        splits = {"train": train_raw, "eval": eval_raw}
-        tokenized = {}
-        for split, raw in splits.items():
-            if raw is None:
-                continue
-            raw = check_rows(raw, split, cfg.data.on_bad_rows)
-            tokenized[split] = tokenize_dataset(raw, tokenizer, lengths, split, cfg.data.on_bad_rows,
-                                                cfg.data.num_proc)
-            tracker.log_params({f"data.{split}_rows": len(tokenized[split])})
+        checked, tokenized = prepare_data(cfg, tokenizer, tracker)
 
         transformers.set_seed(cfg.train.seed)
         model = models.load_model(cfg.model, tokenizer)
@@ -96,6 +82,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
         result = engine.train(
             model, tokenizer, tokenized["train"], tokenized.get("eval"), cfg.loss_spec(), cfg.train,
             cfg.hardware, cfg.output_dir, tracker.log_metrics,
+            extra_eval=generation_eval(cfg, tokenizer, checked.get("eval"), tracker),
         )
         tracker.log_metrics({"train_seconds": result.train_seconds,
                              "train_tokens_per_second": result.tokens_per_second}, result.global_step)
@@ -104,6 +91,50 @@ def run(dcfg: DictConfig) -> Optional[float]:
         if log_file.is_file():
             tracker.log_artifact(str(log_file))
     return result.eval_metrics.get("eval_loss")
+
+
+def quiet_progress_bars(cfg: Config) -> None:
+    """Library progress bars only clutter log files and CI output."""
+    from cpo_exp.engine import show_progress
+
+    if not show_progress(cfg.train):
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def prepare_data(cfg: Config, tokenizer, tracker, splits=("train", "eval")) -> tuple[dict, dict]:
+    """Load, check and tokenize the splits: ``({split: checked rows}, {split: tokenized})``."""
+    lengths = SequenceLengths(cfg.max_length, cfg.max_prompt_length, cfg.max_completion_length,
+                              cfg.truncation_mode)
+    train_raw, eval_raw = load_splits(cfg.data, cfg.train.seed)
+    checked, tokenized = {}, {}
+    for split, raw in (("train", train_raw), ("eval", eval_raw)):
+        if raw is None or split not in splits:
+            continue
+        checked[split] = check_rows(raw, split, cfg.data.on_bad_rows)
+        tokenized[split] = tokenize_dataset(checked[split], tokenizer, lengths, split, cfg.data.on_bad_rows,
+                                            cfg.data.num_proc)
+        tracker.log_params({f"data.{split}_rows": len(tokenized[split])})
+    return checked, tokenized
+
+
+def generation_eval(cfg: Config, tokenizer, eval_rows, tracker):
+    """The ``eval.generate`` evaluator, logging its samples as the ``eval_samples.json`` table."""
+    if not cfg.eval.generate:
+        return None
+    if eval_rows is None:
+        raise ConfigError("eval.generate=true needs an eval split (data.eval_files, data.eval_split or "
+                          "data.eval_fraction)")
+    from cpo_exp.generation import GenerationEval, SamplingSpec, sacrebleu_signatures
+
+    e = cfg.eval
+    tracker.log_params({f"eval_gen.{k}_signature": v for k, v in sacrebleu_signatures().items()})
+    spec = SamplingSpec(e.max_new_tokens, e.do_sample, e.temperature, e.top_p, e.batch_size, e.seed)
+    return GenerationEval(tokenizer, eval_rows, e.num_prompts, spec, e.scorers,
+                          log_table=lambda data, step: tracker.log_table(data, "eval_samples.json"))
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

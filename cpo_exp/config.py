@@ -92,6 +92,23 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """What an evaluation measures besides the pair metrics: generated completions, scored
+    against ``chosen`` (see ``cpo_exp.generation``). Off by default: generation is slow."""
+
+    generate: bool = False
+    num_prompts: int = 32
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    # Registered names (chrf, bleu, len_ratio, exact_match) or "package.module:function".
+    scorers: list[str] = field(default_factory=lambda: ["chrf", "bleu", "len_ratio"])
+
+
+@dataclass
 class HardwareConfig:
     """Device placement and precision, handed to ``accelerate.Accelerator``."""
 
@@ -128,6 +145,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Where the model and logs of this run go; the CLI sets it to Hydra's run directory.
@@ -221,6 +239,20 @@ def validate(cfg: Config) -> None:
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)", t.max_grad_norm)
     if t.eval_steps is not None:
         _require(t.eval_steps > 0, "train.eval_steps", "must be > 0 or null", t.eval_steps)
+
+    e = cfg.eval
+    for key in ("num_prompts", "batch_size", "max_new_tokens"):
+        _require(getattr(e, key) > 0, f"eval.{key}", "must be > 0", getattr(e, key))
+    _require(e.temperature > 0, "eval.temperature", "must be > 0", e.temperature)
+    _require(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]", e.top_p)
+    if e.generate:
+        from cpo_exp.generation import resolve_scorer
+
+        for name in e.scorers:
+            try:
+                resolve_scorer(name)
+            except ValueError as err:
+                raise ConfigError(f"eval.scorers: {err}") from None
 
     _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
     _one_of("tracking.backend", cfg.tracking.backend, ("mlflow", "none"))

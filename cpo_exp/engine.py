@@ -126,7 +126,7 @@ def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, loader, spec: LossSpec, accelerator: Accelerator, progress: bool = False) -> dict[str, float]:
+def evaluate(model, loader, spec: LossSpec, progress: bool = False) -> dict[str, float]:
     """Eval metrics over the whole loader, each the mean of its batch values (as TRL)."""
     was_training = model.training
     model.eval()
@@ -148,8 +148,12 @@ def train(
     hardware: HardwareConfig,
     output_dir: str,
     log_metrics: MetricsSink = lambda metrics, step: None,
+    extra_eval: Optional[Callable[[torch.nn.Module, int], dict[str, float]]] = None,
 ) -> TrainResult:
-    """Train ``model`` on tokenized pairs; metrics go to ``log_metrics(metrics, step)``."""
+    """Train ``model`` on tokenized pairs; metrics go to ``log_metrics(metrics, step)``.
+
+    ``extra_eval(model, step)`` adds metrics to every evaluation (e.g. generation scores).
+    """
     accelerator = Accelerator(
         mixed_precision=hardware.mixed_precision,
         cpu=hardware.cpu,
@@ -188,7 +192,9 @@ def train(
     def run_eval(step: int) -> None:
         if eval_loader is None:
             return
-        metrics = evaluate(model, eval_loader, spec, accelerator, show)
+        metrics = evaluate(model, eval_loader, spec, show)
+        if extra_eval is not None:
+            metrics.update(extra_eval(accelerator.unwrap_model(model), step))
         result.eval_metrics = metrics
         result.eval_history.append((step, metrics))
         log_metrics(metrics, step)
@@ -254,5 +260,5 @@ def train(
 
 
 def _brief(metrics: dict[str, float], prefix: str = "") -> str:
-    keys = ("loss", "rewards/accuracies", "rewards/margins", "nll_loss", "tokens_per_second")
+    keys = ("loss", "rewards/accuracies", "rewards/margins", "nll_loss", "tokens_per_second", "gen/chrf")
     return " ".join(f"{k}={metrics[prefix + k]:.4g}" for k in keys if prefix + k in metrics)

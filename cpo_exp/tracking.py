@@ -84,6 +84,9 @@ class Tracker:
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
         pass
 
+    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        pass
+
 
 class MlflowTracker(Tracker):
     def __init__(self, run_id: str):
@@ -109,6 +112,21 @@ class MlflowTracker(Tracker):
 
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
         self._mlflow.log_artifact(path, artifact_path)
+
+    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        # MLflow appends to an existing table artifact of the same name.
+        self._mlflow.log_table(dict(data), artifact_file)
+
+
+@contextlib.contextmanager
+def reopened_run(uri: str, run_id: str) -> Iterator[Tracker]:
+    """Log more to an existing run (e.g. a later evaluation); it ends as FINISHED or FAILED again."""
+    import mlflow
+
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        yield MlflowTracker(run_id)
 
 
 @contextlib.contextmanager
