@@ -107,6 +107,9 @@ def quiet_progress_bars(cfg: Config) -> None:
 
 def prepare_data(cfg: Config, tokenizer, tracker, splits=("train", "eval")) -> tuple[dict, dict]:
     """Load, check and tokenize the splits: ``({split: checked rows}, {split: tokenized})``."""
+    from cpo_exp.models import is_encoder_decoder
+
+    encoder_decoder = is_encoder_decoder(cfg.model)
     lengths = SequenceLengths(cfg.max_length, cfg.max_prompt_length, cfg.max_completion_length,
                               cfg.truncation_mode)
     train_raw, eval_raw = load_splits(cfg.data, cfg.train.seed)
@@ -116,7 +119,7 @@ def prepare_data(cfg: Config, tokenizer, tracker, splits=("train", "eval")) -> t
             continue
         checked[split] = check_rows(raw, split, cfg.data.on_bad_rows)
         tokenized[split] = tokenize_dataset(checked[split], tokenizer, lengths, split, cfg.data.on_bad_rows,
-                                            cfg.data.num_proc)
+                                            cfg.data.num_proc, encoder_decoder)
         tracker.log_params({f"data.{split}_rows": len(tokenized[split])})
     return checked, tokenized
 

@@ -28,7 +28,8 @@ class LossConfig:
 
 @dataclass
 class ModelConfig:
-    """Any causal LM: a local folder or a hub id, loaded through one code path.
+    """Any causal LM or encoder-decoder (T5, mT5, NLLB, M2M100 shapes): a local folder or a hub
+    id, loaded through one code path.
 
     ``random_init`` builds the architecture from the folder's ``config.json`` with fresh
     weights instead of loading checkpoint weights (the embedded default has no weights).
@@ -36,6 +37,8 @@ class ModelConfig:
     """
 
     name_or_path: str = "???"
+    # The tokenizer's folder or hub id when it is not shipped with the model (null: name_or_path).
+    tokenizer: Optional[str] = None
     random_init: bool = False
     dtype: str = "float32"
     revision: Optional[str] = None

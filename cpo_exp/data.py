@@ -215,21 +215,52 @@ def tokenize_row(row: dict[str, str], tokenizer, lengths: SequenceLengths) -> di
     return out
 
 
+# TRL's completion budget for encoder-decoders when max_completion_length is not set.
+SEQ2SEQ_COMPLETION_LENGTH = 128
+
+
+def tokenize_row_seq2seq(row: dict[str, str], tokenizer, lengths: SequenceLengths) -> dict[str, list[int]]:
+    """Encoder-decoder layout (TRL's ``is_encoder_decoder`` branch): the prompt feeds the encoder,
+    each completion is the decoder's labels.
+
+    Each text is tokenized with the tokenizer's own special tokens; EOS is appended to a
+    completion only if the tokenizer did not add it (T5-family tokenizers do), so that the model
+    learns to stop. Completions are cut to ``max_completion_length`` (default 128, as TRL); the
+    prompt to ``max_prompt_length`` (keeping its end or start), which TRL does not do.
+    """
+    eos = tokenizer.eos_token_id
+    prompt = tokenizer(row["prompt"], add_special_tokens=True)["input_ids"]
+    if lengths.max_prompt_length is not None and len(prompt) > lengths.max_prompt_length:
+        keep = lengths.max_prompt_length
+        prompt = prompt[:keep] if lengths.truncation_mode == "keep_start" else prompt[-keep:]
+    budget = lengths.max_completion_length or SEQ2SEQ_COMPLETION_LENGTH
+    out = {"prompt_input_ids": prompt}
+    for name in ("chosen", "rejected"):
+        ids = tokenizer(row[name], add_special_tokens=True)["input_ids"]
+        if not ids or ids[-1] != eos:
+            ids = ids + [eos]
+        out[f"{name}_labels"] = ids[:budget]
+    return out
+
+
 def tokenize_dataset(
-    dataset: datasets.Dataset, tokenizer, lengths: SequenceLengths, split: str, on_bad_rows: str, num_proc=None
+    dataset: datasets.Dataset, tokenizer, lengths: SequenceLengths, split: str, on_bad_rows: str, num_proc=None,
+    encoder_decoder: bool = False,
 ) -> datasets.Dataset:
     """Tokenize every row and catch the rows that leave no completion token to train on.
 
     A prompt that fills ``max_length`` leaves an empty completion, whose length-averaged
     log-probability would be 0/0 = NaN; such rows are errors here (or dropped with ``skip``).
     """
+    tokenize = tokenize_row_seq2seq if encoder_decoder else tokenize_row
+    keys = (("prompt_input_ids", "chosen_labels", "rejected_labels") if encoder_decoder else
+            ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"))
 
     def encode(row):
         try:
-            encoded = tokenize_row(row, tokenizer, lengths)
+            encoded = tokenize(row, tokenizer, lengths)
         except DataError as err:
-            return {"chosen_input_ids": [], "chosen_labels": [], "rejected_input_ids": [],
-                    "rejected_labels": [], "problem": str(err)}
+            return {**{k: [] for k in keys}, "problem": str(err)}
         empty = [n for n in ("chosen", "rejected") if all(t == LABEL_PAD for t in encoded[f"{n}_labels"])]
         problem = (
             f"the prompt leaves no room for a '{empty[0]}' token under max_length={lengths.max_length}"
@@ -246,6 +277,43 @@ def tokenize_dataset(
 # --------------------------------------------------------------------------- batching
 
 
+def collator_for(model_config, pad_token_id: int):
+    """The collator matching the model's layout (decoder-only or encoder-decoder)."""
+    if getattr(model_config, "is_encoder_decoder", False):
+        return Seq2SeqPreferenceCollator(pad_token_id, model_config.decoder_start_token_id)
+    return PreferenceCollator(pad_token_id)
+
+
+def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    out = torch.full((len(rows), width), value, dtype=torch.long)
+    for k, row in enumerate(rows):
+        out[k, : len(row)] = torch.tensor(row, dtype=torch.long)
+    return out
+
+
+class Seq2SeqPreferenceCollator:
+    """Encoder-decoder batch of ``2B`` rows: the prompt twice (chosen half, then rejected half)
+    as encoder input, the completions as labels padded with -100, and the decoder inputs as the
+    labels shifted right behind ``decoder_start_token_id`` (padding where labels are -100)."""
+
+    def __init__(self, pad_token_id: int, decoder_start_token_id: Optional[int]):
+        if decoder_start_token_id is None:
+            raise DataError("the encoder-decoder's config has no decoder_start_token_id")
+        self.pad_token_id = pad_token_id
+        self.decoder_start_token_id = decoder_start_token_id
+
+    def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        prompts = [r["prompt_input_ids"] for r in rows] * 2
+        input_ids = _pad(prompts, self.pad_token_id)
+        labels = _pad([r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows], LABEL_PAD)
+        decoder_input_ids = torch.full_like(labels, self.pad_token_id)
+        decoder_input_ids[:, 0] = self.decoder_start_token_id
+        decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == LABEL_PAD, self.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": _pad([[1] * len(p) for p in prompts], 0),
+                "labels": labels, "decoder_input_ids": decoder_input_ids}
+
+
 class PreferenceCollator:
     """Stack chosen then rejected into one right-padded batch of ``2B`` sequences.
 
@@ -259,12 +327,6 @@ class PreferenceCollator:
     def __call__(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         sequences = [r["chosen_input_ids"] for r in rows] + [r["rejected_input_ids"] for r in rows]
         labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
-        width = max(len(s) for s in sequences)
-        input_ids = torch.full((len(sequences), width), self.pad_token_id, dtype=torch.long)
-        label_ids = torch.full((len(sequences), width), LABEL_PAD, dtype=torch.long)
-        attention = torch.zeros((len(sequences), width), dtype=torch.long)
-        for k, (seq, lab) in enumerate(zip(sequences, labels)):
-            input_ids[k, : len(seq)] = torch.tensor(seq)
-            label_ids[k, : len(lab)] = torch.tensor(lab)
-            attention[k, : len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": attention, "labels": label_ids}
+        return {"input_ids": _pad(sequences, self.pad_token_id),
+                "attention_mask": _pad([[1] * len(s) for s in sequences], 0),
+                "labels": _pad(labels, LABEL_PAD)}

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from cpo_exp.config import HardwareConfig, TrainConfig
-from cpo_exp.data import LABEL_PAD, PreferenceCollator
+from cpo_exp.data import LABEL_PAD, collator_for
 from cpo_exp.losses import LossSpec, preference_loss, total_loss
 from cpo_exp.metrics import EVAL_PREFIX, MetricWindow, pair_metrics
 from cpo_exp.models import disable_dropout
@@ -50,14 +50,16 @@ class PairOutput:
     rejected_logits_mean: torch.Tensor
 
 
-def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def token_logps(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each label token and the mask of tokens that count.
 
-    Position ``t`` predicts token ``t + 1``, hence the shift by one; prompt and padding
+    In a causal LM position ``t`` predicts token ``t + 1``, hence the shift by one (an
+    encoder-decoder's decoder inputs are already shifted: ``shift=False``); prompt and padding
     positions carry the label -100 and are masked out. Computed in float32.
     """
-    labels = labels[:, 1:]
-    logits = logits[:, :-1].float()
+    if shift:
+        labels, logits = labels[:, 1:], logits[:, :-1]
+    logits = logits.float()
     mask = labels != LABEL_PAD
     safe = labels.masked_fill(~mask, 0)  # any valid index; masked out below
     picked = torch.gather(logits, -1, safe.unsqueeze(-1)).squeeze(-1)
@@ -71,9 +73,15 @@ def sequence_logps(per_token: torch.Tensor, mask: torch.Tensor, average: bool) -
 
 
 def forward_pair(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool) -> PairOutput:
-    """One forward pass over ``[chosen; rejected]`` (``2B`` rows, chosen first)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-    per_token, mask = token_logps(logits, batch["labels"])
+    """One forward pass over ``[chosen; rejected]`` (``2B`` rows, chosen first).
+
+    For an encoder-decoder the batch carries ``decoder_input_ids``: the prompt is encoded and
+    the completions are decoded against it.
+    """
+    seq2seq = {"decoder_input_ids": batch["decoder_input_ids"]} if "decoder_input_ids" in batch else {}
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **seq2seq).logits
+    per_token, mask = token_logps(logits, batch["labels"], shift=not seq2seq)
     logps = sequence_logps(per_token, mask, average)
     half = batch["input_ids"].shape[0] // 2
     # TRL's nll_loss: cross-entropy averaged over all chosen completion tokens of the batch.
@@ -163,7 +171,7 @@ def train(
     set_seed(cfg.seed)
     if cfg.disable_dropout:
         disable_dropout(model)
-    collate = PreferenceCollator(tokenizer.pad_token_id)
+    collate = collator_for(model.config, tokenizer.pad_token_id)
     train_loader = DataLoader(train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate)
     eval_loader = (

@@ -64,7 +64,7 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
     from torch.utils.data import DataLoader
 
     from cpo_exp import engine, models
-    from cpo_exp.data import PreferenceCollator
+    from cpo_exp.data import collator_for
 
     launch_dir = str(Path.cwd())
     probe = compose_config([], [])  # tracking defaults, to find the store before the run is known
@@ -75,7 +75,8 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
     original = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml") if (run_dir / ".hydra").is_dir() else []
     # Generation scores are part of an evaluation unless the user turns them off.
     cfg = compose_config(list(original), ["eval.generate=true", *overrides])
-    cfg.model.name_or_path, cfg.model.random_init = str(run_dir / "model"), False
+    # The run saved its model and the tokenizer it trained with side by side.
+    cfg.model.name_or_path, cfg.model.tokenizer, cfg.model.random_init = str(run_dir / "model"), None, False
     cfg.output_dir = str(run_dir)
     validate(cfg)
     quiet_progress_bars(cfg)
@@ -95,7 +96,7 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
         model = models.load_model(cfg.model, tokenizer)
         accelerator = Accelerator(mixed_precision=cfg.hardware.mixed_precision, cpu=cfg.hardware.cpu)
         loader = DataLoader(tokenized["eval"], batch_size=cfg.train.per_device_eval_batch_size,
-                            collate_fn=PreferenceCollator(tokenizer.pad_token_id))
+                            collate_fn=collator_for(model.config, tokenizer.pad_token_id))
         model, loader = accelerator.prepare(model, loader)
         metrics = engine.evaluate(model, loader, cfg.loss_spec())
         scorer = generation_eval(cfg, tokenizer, checked["eval"], tracker)

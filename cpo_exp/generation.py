@@ -97,8 +97,11 @@ class SamplingSpec:
     seed: int = 0
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The prompt as the model saw it in training: BOS (once) then the prompt tokens."""
+def prompt_ids(tokenizer, prompt: str, encoder_decoder: bool = False) -> list[int]:
+    """The prompt as the model saw it in training (see ``cpo_exp.data``): for a causal LM BOS
+    (once) then the prompt tokens; for an encoder-decoder the tokenizer's own encoding."""
+    if encoder_decoder:
+        return tokenizer(prompt, add_special_tokens=True)["input_ids"]
     ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return [bos] + ids if bos is not None and (not ids or ids[0] != bos) else ids
@@ -119,7 +122,8 @@ def generate(model, tokenizer, prompts: Sequence[str], spec: SamplingSpec) -> li
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(spec.seed)
         for start in range(0, len(prompts), spec.batch_size):
-            encoded = [prompt_ids(tokenizer, p) for p in prompts[start:start + spec.batch_size]]
+            encoded = [prompt_ids(tokenizer, p, model.config.is_encoder_decoder)
+                       for p in prompts[start:start + spec.batch_size]]
             width = max(len(e) for e in encoded)
             input_ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
             attention = torch.zeros_like(input_ids)
@@ -132,7 +136,9 @@ def generate(model, tokenizer, prompts: Sequence[str], spec: SamplingSpec) -> li
                 max_new_tokens=spec.max_new_tokens, do_sample=spec.do_sample,
                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, **sampling,
             )
-            outputs += tokenizer.batch_decode(generated[:, width:], skip_special_tokens=True)
+            # A causal LM echoes the prompt; an encoder-decoder returns only the decoded tokens.
+            new_tokens = generated if model.config.is_encoder_decoder else generated[:, width:]
+            outputs += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
     model.train(was_training)
     return outputs
 

@@ -1,9 +1,14 @@
-"""Load a causal LM and its tokenizer from a local folder or a hub id (one code path for both)."""
+"""Load a model and its tokenizer from a local folder or a hub id (one code path for both).
+
+Causal LMs and encoder-decoders are both supported; which one a folder holds is read from its
+``config.json`` (``is_encoder_decoder``).
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
 
 from cpo_exp.assets import locate
 from cpo_exp.config import ModelConfig
@@ -14,7 +19,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token guaranteed (EOS stands in when there is none, as in TRL)."""
     tokenizer = AutoTokenizer.from_pretrained(
-        locate(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        locate(cfg.tokenizer or cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -23,22 +28,26 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def is_encoder_decoder(cfg: ModelConfig) -> bool:
+    """Read from the model's config alone (cheap: no weights), so data can be prepared first."""
+    config = AutoConfig.from_pretrained(locate(cfg.name_or_path), revision=cfg.revision,
+                                        trust_remote_code=cfg.trust_remote_code)
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Load weights, or build fresh ones from the folder's config when ``random_init`` is set."""
     path = locate(cfg.name_or_path)
-    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     dtype = _DTYPES.get(cfg.dtype, "auto")
     if cfg.random_init:
-        config = AutoConfig.from_pretrained(path, **kwargs)
-        model = AutoModelForCausalLM.from_config(
-            config, dtype=dtype if dtype != "auto" else None, trust_remote_code=cfg.trust_remote_code
-        )
+        model = auto.from_config(config, dtype=dtype if dtype != "auto" else None, **kwargs)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
-    if model.config.is_encoder_decoder:
-        raise ValueError(f"{cfg.name_or_path} is an encoder-decoder model; only causal LMs are supported")
+        model = auto.from_pretrained(path, dtype=dtype, revision=cfg.revision, **kwargs)
     # The model must agree with the tokenizer on padding from the start (generation uses it).
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
