@@ -128,9 +128,6 @@ def generation_eval(cfg: Config, tokenizer, eval_rows, tracker):
     """The ``eval.generate`` evaluator, logging its samples as the ``eval_samples.json`` table."""
     if not cfg.eval.generate:
         return None
-    if eval_rows is None:
-        raise ConfigError("eval.generate=true needs an eval split (data.eval_files, data.eval_split or "
-                          "data.eval_fraction)")
     from cpo_exp.generation import GenerationEval, SamplingSpec, sacrebleu_signatures
 
     e = cfg.eval

@@ -249,6 +249,8 @@ def validate(cfg: Config) -> None:
     _require(e.temperature > 0, "eval.temperature", "must be > 0", e.temperature)
     _require(0 < e.top_p <= 1, "eval.top_p", "must be in (0, 1]", e.top_p)
     if e.generate:
+        _require(bool(d.eval_files or d.eval_split or d.eval_fraction), "eval.generate",
+                 "needs an eval split (data.eval_files, data.eval_split or data.eval_fraction)", e.generate)
         from cpo_exp.generation import resolve_scorer
 
         for name in e.scorers:

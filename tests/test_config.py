@@ -96,6 +96,8 @@ def test_model_preset_sets_from_scratch_schedule_only_for_tiny():
         (["train.lr_scheduler_type=sqrt"], "train.lr_scheduler_type must be one of"),
         (["data.on_bad_rows=ignore"], "data.on_bad_rows must be one of error, skip"),
         (["hardware.mixed_precision=fp8"], "hardware.mixed_precision must be one of"),
+        (["eval.generate=true", "data.eval_files=[]"], "eval.generate needs an eval split"),
+        (["eval.generate=true", "eval.scorers=[meteor]"], "eval.scorers: unknown scorer 'meteor'"),
     ],
 )
 def test_impossible_values_are_rejected_naming_the_key(overrides, message):
