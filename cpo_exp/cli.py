@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cpo_exp.config import Config, ConfigError, validate
-from cpo_exp.data import DataError, SequenceLengths, check_rows, load_splits, tokenize_dataset
+from cpo_exp.data import DataError, SequenceLengths, prepare_data, summarize
 from cpo_exp.tracking import TrackingError, flatten, tracked_run
 
 log = logging.getLogger("cpo_exp")
@@ -79,16 +79,12 @@ def run(dcfg: DictConfig) -> Optional[float]:
         tokenizer = models.load_tokenizer(cfg.model)
         lengths = SequenceLengths(cfg.max_length, cfg.max_prompt_length, cfg.max_completion_length,
                                   cfg.truncation_mode)
-        train_raw, eval_raw = load_splits(cfg.data, cfg.train.seed)
-        splits = {"train": train_raw, "eval": eval_raw}
-        tokenized = {}
-        for split, raw in splits.items():
-            if raw is None:
-                continue
-            raw = check_rows(raw, split, cfg.data.on_bad_rows)
-            tokenized[split] = tokenize_dataset(raw, tokenizer, lengths, split, cfg.data.on_bad_rows,
-                                                cfg.data.num_proc)
-            tracker.log_params({f"data.{split}_rows": len(tokenized[split])})
+        prepared = prepare_data(cfg.data, tokenizer, lengths, cfg.train.seed)
+        summary = summarize(prepared, lengths)
+        log.info("%s", summary.text())
+        tracker.log_params(summary.params())
+        tracker.log_metrics(summary.metrics(), 0)
+        tokenized = {split: p.dataset for split, p in prepared.items()}
 
         transformers.set_seed(cfg.train.seed)
         model = models.load_model(cfg.model, tokenizer)
