@@ -107,12 +107,15 @@ def load_files(files: list[str], split: str) -> Source:
             part = datasets.load_dataset(builder, data_files=[path], split="train")
         except Exception as err:  # noqa: BLE001 - any parse error becomes a named DataError
             raise DataError(f"could not read {split} data file {original}: {err}") from None
+        if parts and part.features != parts[0].features:
+            try:  # e.g. CSV's large_string next to JSON's string
+                part = part.cast(parts[0].features)
+            except (ValueError, TypeError) as err:
+                raise DataError(f"{split} data file {original} does not have the columns and types of {files[0]} "
+                                f"({part.features} vs {parts[0].features}): {err}") from None
         rows.add(original, len(part), lines, builder)
         parts.append(part)
-    try:
-        dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-    except ValueError as err:
-        raise DataError(f"{split} data files {files} do not share one schema: {err}") from None
+    dataset = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return Source(dataset, ", ".join(files), rows)
 
 

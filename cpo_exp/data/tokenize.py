@@ -45,6 +45,8 @@ def _answer_tokens(tokenizer, prompt: str, answer: str) -> tuple[list[int], list
     full = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     start = len(prompt_ids)
+    if start > len(full):  # TRL stops here too ("should have the same length")
+        raise DataError("the prompt alone tokenizes longer than prompt + completion")
     if prompt_ids != full[:start]:
         start -= 1
     return full[:start], full[start:]
