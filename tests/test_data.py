@@ -419,6 +419,11 @@ def test_second_tokenization_of_the_same_data_reads_the_cache(tmp_path, tokenize
     assert len(cached) == 1 and second["train"].dataset.cache_files[0]["filename"] == str(cached[0])
     assert second["train"].dataset.to_list() == first["train"].dataset.to_list()
     assert len(list(cached[0].parent.glob("*.arrow"))) == 2 and third["train"].stats.truncated > 0
+    caplog.clear()
+    write_jsonl(path, toy_rows * 2)  # edited data: tokenized afresh, never a stale cache
+    with caplog.at_level(logging.INFO, logger="cpo_exp.data.tokenize"):
+        edited = prepare_data(cfg, tokenizer, SequenceLengths(), 0)
+    assert "train: tokenizing 8 rows" in caplog.text and len(edited["train"].dataset) == 8
 
 
 def test_parallel_tokenization_gives_the_same_ids(tmp_path, tokenizer, toy_rows):
@@ -439,3 +444,13 @@ def test_summary_reports_rows_lengths_and_truncation(tmp_path, words):
     assert metrics["data/train/chosen_tokens/p50"] == 4 and metrics["data/train/rejected_tokens/p99"] == 3
     assert summary.params()["data.train_format"] == "standard"
     assert "train: 4 rows (standard)" in summary.text() and "truncated 4 (100.0%)" in summary.text()
+
+
+def test_eval_fraction_next_to_an_eval_split_is_a_config_error():
+    from cpo_exp.config import Config, ConfigError, validate
+
+    cfg = Config(model=TINY, data=DataConfig(path="trl-lib/ultrafeedback_binarized", eval_split="test",
+                                             eval_fraction=0.1))
+    with pytest.raises(ConfigError, match="data.eval_fraction must be 0 when an eval split is given"):
+        validate(cfg)
+    validate(Config(model=TINY, data=DataConfig(path="x", eval_fraction=0.1)))

@@ -1,5 +1,5 @@
 """Every data format trains through the real CLI; the summary and drops land in MLflow; the
-tokenized data is cached across runs; bad data stops the run before the model is loaded."""
+tokenized data is cached across runs. (Bad data stopping the run: tests/test_cli.py.)"""
 
 from __future__ import annotations
 
@@ -85,14 +85,3 @@ def test_alma_r_preset_trains_through_its_adapter(workdir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "train: 6 rows (standard)" in result.stderr and "eval: 2 rows (standard)" in result.stderr
 
-
-def test_bad_conversational_row_stops_before_the_model_is_loaded(workdir):
-    rows = CONVERSATIONAL + [{**CONVERSATIONAL[0], "chosen": [{"role": "bot", "content": "x"}]}]
-    train = write_jsonl(workdir / "train.jsonl", rows)
-    result = cli(workdir, "data=files", f"data.train_files=[{train}]")
-    assert result.returncode == 2
-    assert f"train row 3: 'chosen' message 0 has unknown role 'bot' (known: system, user, assistant, tool) " \
-           f"({train}, line 4)" in result.stderr
-    run = the_run(workdir)
-    assert run.info.status == "FAILED" and "model.num_parameters" not in run.data.params
-    assert "training" not in result.stderr
