@@ -68,8 +68,9 @@ H4_SHAPE = [{"prompt": r["chosen"][0]["content"], **r} for r in IMPLICIT_CONVERS
 
 # --------------------------------------------------------------------------- against TRL
 
-cpo = pytest.importorskip("trl.experimental.cpo")
-trl_data = pytest.importorskip("trl.data_utils")
+@pytest.fixture(scope="module")
+def trl_data():
+    return pytest.importorskip("trl.data_utils")  # TRL is a test dependency only
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +78,7 @@ def trl_trainer(tokenizer, tmp_path_factory):
     import torch
     from cpo_exp.models import load_model
 
+    cpo = pytest.importorskip("trl.experimental.cpo")
     torch.manual_seed(0)
     args = cpo.CPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), report_to=[], use_cpu=True,
                          max_length=1024)
@@ -87,6 +89,8 @@ def trl_trainer(tokenizer, tmp_path_factory):
 
 def trl_tokenize(trainer, tokenizer, row: dict, max_length: int) -> dict:
     """TRL's own preprocessing chain for one row: extract prompt, chat template, tokenize."""
+    from trl import data_utils as trl_data
+
     row = trl_data.maybe_extract_prompt(dict(row))
     row = trl_data.maybe_apply_chat_template(row, tokenizer)
     trainer.max_length = max_length
@@ -124,7 +128,7 @@ def test_truncated_completions_equal_trl(rows, room, tokenizer, trl_trainer):
             assert ours[key] == theirs[key], (k, key)
 
 
-def test_chat_template_text_equals_trl(tokenizer):
+def test_chat_template_text_equals_trl(tokenizer, trl_data):
     for row in CONVERSATIONAL + IMPLICIT_CONVERSATIONAL + H4_SHAPE:
         theirs = trl_data.maybe_apply_chat_template(trl_data.maybe_extract_prompt(dict(row)), tokenizer)
         assert to_standard(row, tokenizer) == {k: theirs[k] for k in ("prompt", "chosen", "rejected")}
