@@ -19,7 +19,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cpo_exp.config import Config, ConfigError, validate
-from cpo_exp.data import DataError, SequenceLengths, check_rows, load_splits, tokenize_dataset
+from cpo_exp.data import DataError, PreparedSplit, SequenceLengths, prepare_data, summarize
 from cpo_exp.tracking import TrackingError, flatten, tracked_run
 
 log = logging.getLogger("cpo_exp")
@@ -74,7 +74,8 @@ def run(dcfg: DictConfig) -> Optional[float]:
             tracker.log_artifacts(str(hydra_dir), "hydra")
 
         tokenizer = models.load_tokenizer(cfg.model)
-        checked, tokenized = prepare_data(cfg, tokenizer, tracker)
+        prepared = prepare(cfg, tokenizer, tracker)
+        tokenized = {split: p.dataset for split, p in prepared.items()}
 
         transformers.set_seed(cfg.train.seed)
         model = models.load_model(cfg.model, tokenizer)
@@ -82,7 +83,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
         result = engine.train(
             model, tokenizer, tokenized["train"], tokenized.get("eval"), cfg.loss_spec(), cfg.train,
             cfg.hardware, cfg.output_dir, tracker.log_metrics,
-            extra_eval=generation_eval(cfg, tokenizer, checked.get("eval"), tracker),
+            extra_eval=generation_eval(cfg, tokenizer, prepared.get("eval"), tracker),
         )
         tracker.log_metrics({"train_seconds": result.train_seconds,
                              "train_tokens_per_second": result.tokens_per_second}, result.global_step)
@@ -105,35 +106,30 @@ def quiet_progress_bars(cfg: Config) -> None:
         transformers.utils.logging.disable_progress_bar()
 
 
-def prepare_data(cfg: Config, tokenizer, tracker, splits=("train", "eval")) -> tuple[dict, dict]:
-    """Load, check and tokenize the splits: ``({split: checked rows}, {split: tokenized})``."""
+def prepare(cfg: Config, tokenizer, tracker) -> dict[str, PreparedSplit]:
+    """Load, check and tokenize the data (before any model is loaded); log its summary."""
     from cpo_exp.models import is_encoder_decoder
 
-    encoder_decoder = is_encoder_decoder(cfg.model)
     lengths = SequenceLengths(cfg.max_length, cfg.max_prompt_length, cfg.max_completion_length,
                               cfg.truncation_mode)
-    train_raw, eval_raw = load_splits(cfg.data, cfg.train.seed)
-    checked, tokenized = {}, {}
-    for split, raw in (("train", train_raw), ("eval", eval_raw)):
-        if raw is None or split not in splits:
-            continue
-        checked[split] = check_rows(raw, split, cfg.data.on_bad_rows)
-        tokenized[split] = tokenize_dataset(checked[split], tokenizer, lengths, split, cfg.data.on_bad_rows,
-                                            cfg.data.num_proc, encoder_decoder)
-        tracker.log_params({f"data.{split}_rows": len(tokenized[split])})
-    return checked, tokenized
+    prepared = prepare_data(cfg.data, tokenizer, lengths, cfg.train.seed, is_encoder_decoder(cfg.model))
+    summary = summarize(prepared, lengths)
+    log.info("%s", summary.text())
+    tracker.log_params(summary.params())
+    tracker.log_metrics(summary.metrics(), 0)
+    return prepared
 
 
-def generation_eval(cfg: Config, tokenizer, eval_rows, tracker):
+def generation_eval(cfg: Config, tokenizer, eval_split: Optional[PreparedSplit], tracker):
     """The ``eval.generate`` evaluator, logging its samples as the ``eval_samples.json`` table."""
-    if not cfg.eval.generate:
+    if not cfg.eval.generate or eval_split is None:
         return None
     from cpo_exp.generation import GenerationEval, SamplingSpec, sacrebleu_signatures
 
     e = cfg.eval
     tracker.log_params({f"eval_gen.{k}_signature": v for k, v in sacrebleu_signatures().items()})
     spec = SamplingSpec(e.max_new_tokens, e.do_sample, e.temperature, e.top_p, e.batch_size, e.seed)
-    return GenerationEval(tokenizer, eval_rows, e.num_prompts, spec, e.scorers,
+    return GenerationEval(tokenizer, eval_split.rows, e.num_prompts, spec, e.scorers,
                           log_table=lambda data, step: tracker.log_table(data, "eval_samples.json"))
 
 

@@ -60,7 +60,11 @@ class DataConfig:
     eval_fraction: float = 0.0
     max_train_samples: Optional[int] = None
     max_eval_samples: Optional[int] = None
+    # {name in the data: name we use}, e.g. {question: prompt, good: chosen, bad: rejected}
     columns: dict[str, str] = field(default_factory=dict)
+    # A reshaping of rows into pairs (cpo_exp/data/adapters.py), e.g. alma_r, and its arguments.
+    adapter: Optional[str] = None
+    adapter_args: dict[str, Any] = field(default_factory=dict)
     on_bad_rows: str = "error"
     num_proc: Optional[int] = None
 
@@ -222,6 +226,11 @@ def validate(cfg: Config) -> None:
     _require(bool(d.train_files) or bool(d.path), "data.path",
              "or data.train_files must name the training data", d.path)
     _require(0 <= d.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)", d.eval_fraction)
+    has_eval = bool(d.eval_files) or (bool(d.eval_split) and not d.train_files)
+    _require(d.eval_fraction == 0 or not has_eval, "data.eval_fraction",
+             "must be 0 when an eval split is given (data.eval_files / data.eval_split)", d.eval_fraction)
+    if d.num_proc is not None:
+        _require(d.num_proc > 0, "data.num_proc", "must be > 0 or null", d.num_proc)
     for key in ("max_train_samples", "max_eval_samples"):
         value = getattr(d, key)
         if value is not None:

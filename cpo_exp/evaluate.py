@@ -18,7 +18,7 @@ from typing import Optional
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cpo_exp.cli import USER_ERRORS, config_dir, generation_eval, prepare_data, quiet_progress_bars
+from cpo_exp.cli import USER_ERRORS, config_dir, generation_eval, prepare, quiet_progress_bars
 from cpo_exp.config import Config, ConfigError, validate
 from cpo_exp.tracking import Tracker, reopened_run, tracked_run, tracking_uri
 
@@ -90,16 +90,17 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
         tags = {"evaluated_run_id": run_id or "", "output_dir": str(run_dir)}
         context = tracked_run(cfg.tracking, launch_dir, f"evaluate {run_dir.name}", tags)
     with context as tracker:
-        checked, tokenized = prepare_data(cfg, tokenizer, Tracker() if same_run else tracker, splits=("eval",))
-        if "eval" not in tokenized:
+        # The original run already carries the data summary as params (which MLflow never overwrites).
+        prepared = prepare(cfg, tokenizer, Tracker() if same_run else tracker)
+        if "eval" not in prepared:
             raise ConfigError("no eval split: give data.eval_files, data.eval_split or data.eval_fraction")
         model = models.load_model(cfg.model, tokenizer)
         accelerator = Accelerator(mixed_precision=cfg.hardware.mixed_precision, cpu=cfg.hardware.cpu)
-        loader = DataLoader(tokenized["eval"], batch_size=cfg.train.per_device_eval_batch_size,
+        loader = DataLoader(prepared["eval"].dataset, batch_size=cfg.train.per_device_eval_batch_size,
                             collate_fn=collator_for(model.config, tokenizer.pad_token_id))
         model, loader = accelerator.prepare(model, loader)
         metrics = engine.evaluate(model, loader, cfg.loss_spec())
-        scorer = generation_eval(cfg, tokenizer, checked["eval"], tracker)
+        scorer = generation_eval(cfg, tokenizer, prepared["eval"], tracker)
         if scorer is not None:
             metrics.update(scorer(accelerator.unwrap_model(model), step))
         tracker.log_metrics(metrics, step)

@@ -144,7 +144,8 @@ def generate(model, tokenizer, prompts: Sequence[str], spec: SamplingSpec) -> li
 
 
 class GenerationEval:
-    """Generates for a fixed, seeded subset of eval rows at each evaluation and scores it.
+    """Generates for a fixed, seeded subset of eval rows (any data format) at each evaluation
+    and scores it.
 
     ``log_table(rows, step)`` receives the samples (step, prompt, generated, chosen, rejected).
     """
@@ -158,8 +159,11 @@ class GenerationEval:
         scorers: Sequence[str] = ("chrf", "bleu", "len_ratio"),
         log_table: Optional[Callable[[dict[str, list], int], None]] = None,
     ):
+        from cpo_exp.data import to_standard
+
         picked = sorted(random.Random(spec.seed).sample(range(len(rows)), k=min(num_prompts, len(rows))))
-        self.rows = [rows[i] for i in picked]
+        # Conversational rows become the strings the model was trained on (chat template applied).
+        self.rows = [to_standard(rows[i], tokenizer) for i in picked]
         self.tokenizer = tokenizer
         self.spec = spec
         self.scorers = {name: resolve_scorer(name) for name in scorers}

@@ -80,9 +80,10 @@ def test_bad_data_row_is_named_and_the_run_is_failed_in_mlflow(workdir, toy_rows
     train = write_jsonl(workdir / "train.jsonl", rows)
     result = run_cli("data=files", f"data.train_files=[{train}]", cwd=workdir)
     assert result.returncode == 2
-    assert "train row 4: 'chosen' is empty" in result.stderr
+    assert f"train row 4: 'chosen' is empty ({train}, line 5)" in result.stderr
     _, run = only_run(workdir)
     assert run.info.status == "FAILED" and "chosen' is empty" in run.data.tags["error"]
+    assert "model.num_parameters" not in run.data.params  # stopped before the model was loaded
 
 
 @pytest.mark.slow

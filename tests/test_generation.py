@@ -110,3 +110,15 @@ def test_evaluate_names_an_unknown_target(workdir):
     result = run_cli("nonexistent-run", cwd=workdir, module="cpo_exp.evaluate")
     assert result.returncode == 2
     assert "'nonexistent-run' is not a run directory" in result.stderr
+
+
+def test_conversational_eval_rows_are_prompted_as_in_training():
+    from cpo_exp.generation import GenerationEval
+
+    tokenizer = load_tokenizer(TINY)
+    rows = [{"prompt": [{"role": "user", "content": "the dog"}],
+             "chosen": [{"role": "assistant", "content": "der Hund"}],
+             "rejected": [{"role": "assistant", "content": "die Hund"}]}]
+    evaluator = GenerationEval(tokenizer, rows, num_prompts=4, spec=SamplingSpec())
+    assert evaluator.rows[0]["prompt"] == "<|im_start|>user\nthe dog<|im_end|>\n<|im_start|>assistant\n"
+    assert evaluator.rows[0]["chosen"].startswith("der Hund")
