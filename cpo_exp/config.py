@@ -42,6 +42,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
+    # Hugging Face hub token for private models; never logged (redacted in MLflow).
+    token: Optional[str] = None
 
 
 @dataclass
@@ -89,6 +91,13 @@ class TrainConfig:
     # Progress bars: null shows them only when stderr is a terminal.
     progress_bar: Optional[bool] = None
     save_model: bool = True
+    # Checkpoints (model, optimizer, scheduler, RNG, data position) every save_steps optimizer
+    # steps and at the end, under <output_dir>/checkpoints/; null: only at the end and on SIGINT/SIGTERM.
+    save_steps: Optional[int] = 500
+    # Keep only the newest N checkpoints; null keeps all (TRL's default).
+    save_total_limit: Optional[int] = None
+    # A non-finite loss or gradient: "stop" fails the run, "skip" drops that optimizer step.
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -132,6 +141,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Where the model and logs of this run go; the CLI sets it to Hydra's run directory.
     output_dir: str = "outputs/run"
+    # A run directory to continue from its newest checkpoint, with the config stored there.
+    resume: Optional[str] = None
 
     def loss_spec(self) -> LossSpec:
         return LossSpec(
@@ -221,6 +232,11 @@ def validate(cfg: Config) -> None:
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)", t.max_grad_norm)
     if t.eval_steps is not None:
         _require(t.eval_steps > 0, "train.eval_steps", "must be > 0 or null", t.eval_steps)
+
+    for key in ("save_steps", "save_total_limit"):
+        if getattr(t, key) is not None:
+            _require(getattr(t, key) > 0, f"train.{key}", "must be > 0 or null", getattr(t, key))
+    _one_of("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
 
     _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
     _one_of("tracking.backend", cfg.tracking.backend, ("mlflow", "none"))

@@ -20,11 +20,14 @@ from typing import Callable, Optional
 import datasets
 import torch
 from accelerate import Accelerator
+from accelerate import skip_first_batches
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
+from cpo_exp import interrupts
+from cpo_exp.checkpoint import Checkpointer, Position
 from cpo_exp.config import HardwareConfig, TrainConfig
 from cpo_exp.data import LABEL_PAD, PreferenceCollator
 from cpo_exp.losses import LossSpec, preference_loss, total_loss
@@ -34,6 +37,10 @@ from cpo_exp.models import disable_dropout
 log = logging.getLogger(__name__)
 
 MetricsSink = Callable[[dict[str, float], int], None]
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient with ``train.on_nonfinite=stop``; names the step and last metrics."""
 
 
 # --------------------------------------------------------------------------- the pair forward
@@ -148,8 +155,14 @@ def train(
     hardware: HardwareConfig,
     output_dir: str,
     log_metrics: MetricsSink = lambda metrics, step: None,
+    checkpointer: Optional[Checkpointer] = None,
 ) -> TrainResult:
-    """Train ``model`` on tokenized pairs; metrics go to ``log_metrics(metrics, step)``."""
+    """Train ``model`` on tokenized pairs; metrics go to ``log_metrics(metrics, step)``.
+
+    With a ``checkpointer``, state is saved every ``train.save_steps``, at the end, and when a
+    SIGINT/SIGTERM arrives (then :class:`cpo_exp.interrupts.Stopped` is raised); if it holds a
+    resume point, training continues from there exactly as if never interrupted.
+    """
     accelerator = Accelerator(
         mixed_precision=hardware.mixed_precision,
         cpu=hardware.cpu,
@@ -196,25 +209,47 @@ def train(
 
     log.info("training %d steps (%d pairs, batch %d x %d accumulation)", total_steps, len(train_set),
              cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
-    run_eval(0)
+    start = checkpointer.restore(accelerator) if checkpointer and checkpointer.resume else Position()
+    window, step, epoch = MetricWindow(), start.global_step, start.epoch
+    window.load(start.window, accelerator.device)
+    if step == 0:
+        run_eval(0)
     model.train()
-    window, step, epoch = MetricWindow(), 0, 0
+    skip, in_epoch = start.batches_in_epoch, 0
     window_tokens, window_start, train_start, all_tokens = 0, time.perf_counter(), time.perf_counter(), 0
-    grad_norm = torch.tensor(0.0)
-    progress = tqdm(total=total_steps, desc="train", disable=not show)
+    grad_norm, finite, skipped = torch.tensor(0.0), torch.tensor(True), 0
+
+    def position() -> Position:
+        return Position(step, epoch, in_epoch, window.state())
+
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
     while step < total_steps:
-        for batch in train_loader:
+        # The epoch fixes the shuffle (seedable sampler); on resume the consumed batches are skipped.
+        train_loader.set_epoch(epoch)
+        loader, in_epoch, skip = (skip_first_batches(train_loader, skip) if skip else train_loader), skip, 0
+        for batch in loader:
+            in_epoch += 1
+            update = True
             with accelerator.accumulate(model):
                 loss, metrics = pair_loss(model, batch, spec)
                 accelerator.backward(loss)
+                finite = finite & torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(
                         model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
                     )
-                optimizer.step()
-                scheduler.step()
+                    # One host sync per optimizer step: a NaN must not reach the weights.
+                    update = bool(finite & torch.isfinite(grad_norm))
+                    finite = torch.tensor(True)
+                    if not update:
+                        _on_nonfinite(cfg, step + 1, float(grad_norm), result, checkpointer)
+                        skipped += 1
+                if update:
+                    optimizer.step()
+                    scheduler.step()
                 optimizer.zero_grad()
-            window.add(metrics)
+            if update:
+                window.add(metrics)
             window_tokens += int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
@@ -229,6 +264,8 @@ def train(
                     epoch=step / batches_per_step_epoch,
                     tokens_per_second=window_tokens / elapsed,
                 )
+                if skipped:
+                    logged["nonfinite_skipped_steps"] = skipped
                 result.train_metrics = logged
                 log_metrics(logged, step)
                 log.info("step %d/%d: %s", step, total_steps, _brief(logged))
@@ -236,9 +273,16 @@ def train(
                 window_tokens, window_start = 0, time.perf_counter()
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
                 run_eval(step)
+            stop = _stop_requested(accelerator)
+            if checkpointer and (checkpointer.due(step) or stop or step == total_steps):
+                checkpointer.save(accelerator, position())
+            if stop:
+                progress.close()
+                raise interrupts.Stopped(stop, step, str(checkpointer.last_saved) if checkpointer else None)
             if step >= total_steps:
                 break
-        epoch += 1
+        else:
+            epoch += 1
     progress.close()
     result.global_step = step
     result.train_seconds = time.perf_counter() - train_start
@@ -251,6 +295,25 @@ def train(
         log.info("model saved to %s", target)
     accelerator.wait_for_everyone()
     return result
+
+
+def _on_nonfinite(cfg: TrainConfig, step: int, grad_norm: float, result: TrainResult,
+                  checkpointer: Optional[Checkpointer]) -> None:
+    last = ", ".join(f"{k}={v:.4g}" for k, v in result.train_metrics.items()) or "none logged yet"
+    kept = f"; last good checkpoint: {checkpointer.last_saved}" if checkpointer and checkpointer.last_saved else ""
+    if cfg.on_nonfinite == "stop":
+        raise NonFiniteError(f"non-finite loss or gradient at step {step} (grad_norm={grad_norm}); "
+                             f"last logged metrics: {last}{kept}. Lower train.learning_rate, or set "
+                             "train.on_nonfinite=skip to drop such steps")
+    log.warning("step %d: non-finite loss or gradient (grad_norm=%s); update skipped", step, grad_norm)
+
+
+def _stop_requested(accelerator: Accelerator) -> int:
+    """The stop signal, agreed by all processes (one may see it a step before another)."""
+    signum = interrupts.requested() or 0
+    if accelerator.num_processes > 1:
+        signum = int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), "max"))
+    return signum
 
 
 def _brief(metrics: dict[str, float], prefix: str = "") -> str:

@@ -14,7 +14,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token guaranteed (EOS stands in when there is none, as in TRL)."""
     tokenizer = AutoTokenizer.from_pretrained(
-        locate(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        locate(cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+        token=cfg.token,
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -26,7 +27,7 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Load weights, or build fresh ones from the folder's config when ``random_init`` is set."""
     path = locate(cfg.name_or_path)
-    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code}
+    kwargs = {"revision": cfg.revision, "trust_remote_code": cfg.trust_remote_code, "token": cfg.token}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     dtype = _DTYPES.get(cfg.dtype, "auto")

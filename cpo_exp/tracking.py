@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
 from cpo_exp.config import TrackingConfig
+from cpo_exp.interrupts import Stopped
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +64,33 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+# Keys whose values must never reach the store: hub_token, db_password, client_secret, api_key...
+_SECRET = r"token(?!i[sz]|s)|passw|secret|api_?key|credential"
+_SECRET_KEY = re.compile(_SECRET, re.IGNORECASE)
+# ``key=value`` inside strings: overrides, and Hydra's comma-joined ``override_dirname``.
+_SECRET_ASSIGNMENT = re.compile(rf"((?:^|(?<=[,\s]))[+~]*[\w.]*(?:{_SECRET})[\w.]*=)[^,\s]*", re.IGNORECASE)
+REDACTED = "***"
+
+
+def is_secret(key: str) -> bool:
+    """Whether a (dotted) config key names a secret; ``tokenizer``-like keys are not secrets."""
+    return bool(_SECRET_KEY.search(key.rsplit(".", 1)[-1]))
+
+
+def redact(tree: Any) -> Any:
+    """A copy of a config tree (or list of ``key=value`` overrides) with secret values replaced."""
+    if isinstance(tree, Mapping):
+        return {k: (REDACTED if is_secret(str(k)) and v is not None else redact(v)) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [redact(item) for item in tree]
+    if isinstance(tree, str) and "=" in tree:
+        key = tree.split("=", 1)[0].lstrip("+~")
+        if re.fullmatch(r"[\w.]+", key) and is_secret(key):  # one override: its whole value
+            return f"{tree.split('=', 1)[0]}={REDACTED}"
+        return _SECRET_ASSIGNMENT.sub(rf"\g<1>{REDACTED}", tree)
+    return tree
 
 
 class Tracker:
@@ -113,11 +142,13 @@ class MlflowTracker(Tracker):
 
 @contextlib.contextmanager
 def tracked_run(
-    cfg: TrackingConfig, launch_dir: str, run_name: str, tags: Optional[Mapping[str, Any]] = None
+    cfg: TrackingConfig, launch_dir: str, run_name: str, tags: Optional[Mapping[str, Any]] = None,
+    run_id: Optional[str] = None,
 ) -> Iterator[Tracker]:
-    """Open one run for the block: FINISHED on success, FAILED on an exception, KILLED on Ctrl-C.
+    """Open one run for the block: FINISHED on success, FAILED on an exception, KILLED on a signal.
 
-    The run is always ended, so a crashed job never leaks into the next job of a multirun.
+    ``run_id`` reopens an existing run (a resumed training continues its metrics there). The run
+    is always ended, so a crashed job never leaks into the next job of a multirun.
     """
     if cfg.backend == "none":
         yield Tracker()
@@ -132,9 +163,20 @@ def tracked_run(
     except Exception as err:  # noqa: BLE001 - any store failure is reported with the URI
         raise TrackingError(f"cannot open MLflow experiment {cfg.experiment_name!r} at {uri}: {err}") from err
     log.info("MLflow: %s (experiment %r)", uri, cfg.experiment_name)
-    with mlflow.start_run(run_name=run_name, experiment_id=experiment.experiment_id, tags=dict(tags or {})) as run:
+    if run_id is not None:
+        try:
+            mlflow.get_run(run_id)
+        except Exception as err:  # noqa: BLE001 - a missing run is reported with the store
+            raise TrackingError(f"MLflow run {run_id} of the checkpoint is not in {uri}: {err}") from None
+        started = mlflow.start_run(run_id=run_id, tags=dict(tags or {}))
+    else:
+        started = mlflow.start_run(run_name=run_name, experiment_id=experiment.experiment_id, tags=dict(tags or {}))
+    with started as run:
         try:
             yield MlflowTracker(run.info.run_id)
         except BaseException as err:
             mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
+            # MLflow marks any exception FAILED; a stop asked for by a signal is KILLED.
+            if isinstance(err, (Stopped, KeyboardInterrupt)):
+                mlflow.end_run("KILLED")
             raise
