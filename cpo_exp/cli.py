@@ -104,7 +104,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
     # Secrets stay out of MLflow and out of the files written next to checkpoints.
     public = redact(resolved)
     with tracked_run(cfg.tracking, hydra_cfg.runtime.cwd, name, tags,
-                     run_id=point.mlflow_run_id if point else None) as tracker:
+                     run_id=point.mlflow_run_id if point else None, spill_dir=cfg.output_dir) as tracker:
         if point is None:
             tracker.log_params(flatten(public))
             resolved_path = Path(cfg.output_dir) / "resolved_config.yaml"

@@ -118,6 +118,9 @@ class TrackingConfig:
     experiment_name: str = "cpo_exp"
     # null: named from the command-line overrides (e.g. "loss=simpo,cpo_alpha=0")
     run_name: Optional[str] = None
+    # A tracking server that goes away mid-run: training goes on, metrics are buffered, and the
+    # end of the run waits this long for the server before giving up (unsent metrics stay on disk).
+    reconnect_timeout_s: float = 300.0
 
 
 @dataclass

@@ -220,3 +220,79 @@ def test_redact_hides_secret_keys_and_overrides_but_not_tokenizer_settings():
     assert redact(tree) == {"model": {"token": "***", "tokenizer": "t"}, "db_password": "***", "max_tokens": 3,
                             "note": None, "overrides": ["model.token=***", "beta=1"],
                             "dirname": "beta=1,model.hub_token=***,seed=2"}
+
+
+# --------------------------------------------------------------------------- tracking server outage
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 that a test can stop and start again (same store)."""
+
+    def __init__(self, root: Path):
+        self.root, self.port, self.proc = root, free_port(), None
+        self.uri = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        import requests
+
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                requests.get(self.uri + "/health", timeout=1).raise_for_status()
+                return
+            except requests.RequestException:
+                assert self.proc.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.3)
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
+        self.proc.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_tracking_server_outage_mid_run_loses_no_metrics(workdir):
+    server = MlflowServer(workdir)
+    server.start()
+    run_dir = workdir / "outputs" / "outage"
+    proc = start_cli("train.max_steps=120", "train.logging_steps=1", "train.save_steps=null", "train.eval_steps=40",
+                     "data.max_eval_samples=8", "train.save_model=false", f"tracking.tracking_uri={server.uri}",
+                     "hydra.run.dir=outputs/outage", cwd=workdir)
+    try:
+        log_file = run_dir / "cpo_exp.log"
+        wait_for(lambda: log_file.is_file() and "step 3/120" in log_file.read_text(), proc)
+        server.stop()
+        wait_for(lambda: "tracking server unreachable" in log_file.read_text(), proc)
+        server.start()
+        _, stderr = proc.communicate(timeout=400)
+    except BaseException:
+        if proc.poll() is None:
+            proc.kill()
+        server.stop()
+        raise
+    else:
+        try:
+            assert proc.returncode == 0, stderr[-3000:]
+            assert "metrics are kept (also in" in stderr
+            assert "MLflow tracking server is back after" in stderr
+            client = MlflowClient(tracking_uri=server.uri)
+            run = client.search_runs([client.get_experiment_by_name("cpo_exp").experiment_id])[0]
+            assert run.info.status == "FINISHED"
+            steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
+            assert steps == list(range(1, 121))
+            assert "train_seconds" in run.data.metrics
+            assert not (run_dir / "unsent_metrics.jsonl").exists()
+        finally:
+            server.stop()
