@@ -7,7 +7,9 @@ check the data, tokenize, then (only then) load the model and train.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -72,16 +74,51 @@ def resumed_config(dcfg: DictConfig, point: checkpoint.ResumePoint, overrides: l
     return merged
 
 
+def check_shared_run_dir(world_size: int, hydra_overrides: list[str], resume: Optional[str]) -> None:
+    """Under ``accelerate launch``/``torchrun`` all processes must write into one run dir.
+
+    Hydra's default dir is a timestamp taken in each process, so each would get its own.
+    """
+    if world_size > 1 and not resume and not any(o.startswith("hydra.run.dir=") for o in hydra_overrides):
+        raise ConfigError(
+            f"a run of {world_size} processes needs one shared output dir, but Hydra's default dir is a "
+            "per-process timestamp: add hydra.run.dir=outputs/<name> to the command line"
+        )
+
+
+# What accelerate launch exports for the strategies that change how the model is wrapped.
+_LAUNCH_ENV = {"fsdp": "ACCELERATE_USE_FSDP", "deepspeed": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def check_launcher(distributed: str, env: dict) -> None:
+    """FSDP and DeepSpeed come from the launcher; without it accelerate would silently run plain."""
+    var = _LAUNCH_ENV.get(distributed)
+    if var and env.get(var, "false").lower() != "true":
+        preset = "deepspeed_zero2 (or deepspeed_zero3)" if distributed == "deepspeed" else distributed
+        raise ConfigError(
+            f"hardware.distributed={distributed} needs accelerate's launcher: accelerate launch --config_file "
+            f"$(python -m cpo_exp.launch {preset.split()[0]}) -m cpo_exp hardware={preset.split()[0]} "
+            "hydra.run.dir=outputs/<name> ..."
+        )
+
+
 def run(dcfg: DictConfig) -> Optional[float]:
     """One job: everything after composition. Returns the final eval loss (for sweepers)."""
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
+    # Set by accelerate launch and torchrun; only the first process talks to MLflow.
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if hydra_cfg.mode == RunMode.RUN:  # a multirun's job dirs are named by the one outer process
+        check_shared_run_dir(world_size, list(hydra_cfg.overrides.hydra), dcfg.resume)
+    if rank > 0:  # one copy of every progress line is enough; warnings and errors still show
+        logging.getLogger("cpo_exp").setLevel(logging.WARNING)
     point = checkpoint.open_resume_point(dcfg.resume) if dcfg.resume else None
     if point is not None:
         dcfg = resumed_config(dcfg, point, overrides)
     cfg: Config = OmegaConf.to_object(dcfg)
     cfg.output_dir = hydra_cfg.runtime.output_dir
     validate(cfg)
+    check_launcher(cfg.hardware.distributed, dict(os.environ))
     checkpoint.check_writable(cfg.output_dir)
 
     import datasets
@@ -103,9 +140,10 @@ def run(dcfg: DictConfig) -> Optional[float]:
     resolved["output_dir"] = cfg.output_dir
     # Secrets stay out of MLflow and out of the files written next to checkpoints.
     public = redact(resolved)
-    with tracked_run(cfg.tracking, hydra_cfg.runtime.cwd, name, tags,
+    tracking = cfg.tracking if rank == 0 else dataclasses.replace(cfg.tracking, backend="none")
+    with tracked_run(tracking, hydra_cfg.runtime.cwd, name, tags,
                      run_id=point.mlflow_run_id if point else None, spill_dir=cfg.output_dir) as tracker:
-        if point is None:
+        if point is None and rank == 0:
             tracker.log_params(flatten(public))
             resolved_path = Path(cfg.output_dir) / "resolved_config.yaml"
             resolved_path.write_text(OmegaConf.to_yaml(public))
@@ -113,7 +151,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
             hydra_dir = Path(cfg.output_dir) / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
             if hydra_dir is not None and hydra_dir.is_dir():
                 log_hydra_record(tracker, hydra_dir)
-        else:
+        elif point is not None:
             tracker.set_tags({"resumed_from": str(point.path)})
 
         tokenizer = models.load_tokenizer(cfg.model)
@@ -132,7 +170,9 @@ def run(dcfg: DictConfig) -> Optional[float]:
 
         transformers.set_seed(cfg.train.seed)
         model = models.load_model(cfg.model, tokenizer)
-        tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters())})
+        tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters()),
+                            "model.trainable_parameters": sum(p.numel() for p in model.parameters()
+                                                              if p.requires_grad)})
         checkpointer = checkpoint.Checkpointer(cfg.output_dir, cfg.train.save_steps, cfg.train.save_total_limit,
                                                flatten(public), tracker.run_id, point)
         with interrupts.graceful_stop():

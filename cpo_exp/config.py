@@ -44,6 +44,13 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     # Hugging Face hub token for private models; never logged (redacted in MLflow).
     token: Optional[str] = None
+    # "lora": train LoRA adapters (peft library) instead of all weights; saving writes the adapter.
+    peft: Optional[str] = None
+    # LoRA knobs, named and defaulted as TRL's ModelConfig; null target modules: peft's per-architecture default.
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: Optional[list[str]] = None
 
 
 @dataclass
@@ -106,6 +113,9 @@ class HardwareConfig:
 
     mixed_precision: str = "no"
     cpu: bool = False
+    # "ddp", "fsdp", "deepspeed": the strategy the launcher must set up (accelerate launch with the
+    # matching cpo_exp/launch/*.yaml); checked at start so a forgotten launcher fails before training.
+    distributed: str = "no"
 
 
 @dataclass
@@ -210,6 +220,10 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.model.name_or_path) and cfg.model.name_or_path != "???",
              "model.name_or_path", "must name a folder or a hub id", cfg.model.name_or_path)
     _one_of("model.dtype", cfg.model.dtype, _DTYPES)
+    if cfg.model.peft is not None:
+        _one_of("model.peft", cfg.model.peft, ("lora",))
+        _require(cfg.model.lora_r > 0, "model.lora_r", "must be > 0", cfg.model.lora_r)
+        _require(0 <= cfg.model.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)", cfg.model.lora_dropout)
 
     d = cfg.data
     _require(bool(d.train_files) or bool(d.path), "data.path",
@@ -242,4 +256,5 @@ def validate(cfg: Config) -> None:
     _one_of("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
 
     _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
+    _one_of("hardware.distributed", cfg.hardware.distributed, ("no", "ddp", "fsdp", "deepspeed"))
     _one_of("tracking.backend", cfg.tracking.backend, ("mlflow", "none"))

@@ -55,6 +55,8 @@ class PairOutput:
     nll_loss: torch.Tensor
     chosen_logits_mean: torch.Tensor
     rejected_logits_mean: torch.Tensor
+    # Mixture-of-experts models with ``output_router_logits``: the router load-balancing loss.
+    aux_loss: Optional[torch.Tensor] = None
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +81,8 @@ def sequence_logps(per_token: torch.Tensor, mask: torch.Tensor, average: bool) -
 
 def forward_pair(model: torch.nn.Module, batch: dict[str, torch.Tensor], average: bool) -> PairOutput:
     """One forward pass over ``[chosen; rejected]`` (``2B`` rows, chosen first)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    logits = outputs.logits
     per_token, mask = token_logps(logits, batch["labels"])
     logps = sequence_logps(per_token, mask, average)
     half = batch["input_ids"].shape[0] // 2
@@ -93,19 +96,36 @@ def forward_pair(model: torch.nn.Module, batch: dict[str, torch.Tensor], average
         nll_loss=nll,
         chosen_logits_mean=detached[:half].float().mean(),
         rejected_logits_mean=detached[half:].float().mean(),
+        aux_loss=getattr(outputs, "aux_loss", None),
     )
 
 
-def pair_loss(model, batch, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training objective of one batch and its metrics (TRL's ``get_batch_loss_metrics``)."""
+def pair_loss(model, batch, spec: LossSpec, aux_loss_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training objective of one batch and its metrics (TRL's ``get_batch_loss_metrics``).
+
+    A mixture-of-experts model's router loss is added as ``aux_loss_coef * aux_loss`` (TRL:
+    ``router_aux_loss_coef`` of a model with ``output_router_logits``).
+    """
     out = forward_pair(model, batch, spec.average_log_prob)
     losses, chosen_rewards, rejected_rewards = preference_loss(out.chosen_logps, out.rejected_logps, spec)
     loss = total_loss(losses, out.nll_loss, spec.cpo_alpha)
+    if aux_loss_coef and out.aux_loss is not None:
+        loss = loss + aux_loss_coef * out.aux_loss
     metrics = pair_metrics(
         loss, out.nll_loss, chosen_rewards, rejected_rewards, out.chosen_logps, out.rejected_logps,
         out.chosen_logits_mean, out.rejected_logits_mean,
     )
+    if aux_loss_coef and out.aux_loss is not None:
+        metrics["aux_loss"] = out.aux_loss.detach().float()
     return loss, metrics
+
+
+def router_aux_loss_coef(model: PreTrainedModel) -> float:
+    """The MoE router loss weight, or 0 when the model does not return router logits."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "output_router_logits", False):
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0))
 
 
 # --------------------------------------------------------------------------- the run
@@ -133,16 +153,26 @@ def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, loader, spec: LossSpec, accelerator: Accelerator, progress: bool = False) -> dict[str, float]:
+def evaluate(model, loader, spec: LossSpec, accelerator: Accelerator, progress: bool = False,
+             aux_loss_coef: float = 0.0) -> dict[str, float]:
     """Eval metrics over the whole loader, each the mean of its batch values (as TRL)."""
     was_training = model.training
     model.eval()
     window = MetricWindow()
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        _, metrics = pair_loss(model, batch, spec)
+        _, metrics = pair_loss(model, batch, spec, aux_loss_coef)
         window.add(metrics)
     model.train(was_training)
-    return window.flush(prefix=EVAL_PREFIX)
+    return reduce_across_processes(window.flush(prefix=EVAL_PREFIX), accelerator)
+
+
+def reduce_across_processes(metrics: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """Mean of each metric over the processes (each saw equally many batches of equal size)."""
+    if accelerator.num_processes == 1 or not metrics:
+        return metrics
+    names = sorted(metrics)  # the same order on every process
+    values = accelerator.reduce(torch.tensor([metrics[n] for n in names], device=accelerator.device), "mean")
+    return dict(zip(names, values.tolist()))
 
 
 def train(
@@ -170,6 +200,7 @@ def train(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(cfg.seed)
+    aux_coef = router_aux_loss_coef(model)
     if cfg.disable_dropout:
         disable_dropout(model)
     collate = PreferenceCollator(tokenizer.pad_token_id)
@@ -201,7 +232,7 @@ def train(
     def run_eval(step: int) -> None:
         if eval_loader is None:
             return
-        metrics = evaluate(model, eval_loader, spec, accelerator, show)
+        metrics = evaluate(model, eval_loader, spec, accelerator, show, aux_coef)
         result.eval_metrics = metrics
         result.eval_history.append((step, metrics))
         log_metrics(metrics, step)
@@ -231,7 +262,7 @@ def train(
             in_epoch += 1
             update = True
             with accelerator.accumulate(model):
-                loss, metrics = pair_loss(model, batch, spec)
+                loss, metrics = pair_loss(model, batch, spec, aux_coef)
                 accelerator.backward(loss)
                 finite = finite & torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
@@ -257,7 +288,7 @@ def train(
             progress.update(1)
             if step % cfg.logging_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                logged = window.flush()
+                logged = reduce_across_processes(window.flush(), accelerator)
                 logged.update(
                     learning_rate=scheduler.get_last_lr()[0],
                     grad_norm=float(grad_norm),
@@ -288,11 +319,13 @@ def train(
     result.train_seconds = time.perf_counter() - train_start
     result.tokens_per_second = all_tokens / result.train_seconds if result.train_seconds else 0.0
     run_eval(step)
-    if cfg.save_model and accelerator.is_main_process:
-        target = Path(output_dir) / "model"
-        accelerator.unwrap_model(model).save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        log.info("model saved to %s", target)
+    if cfg.save_model:
+        state = accelerator.get_state_dict(model)  # gathers shards under FSDP / ZeRO-3: every process
+        if accelerator.is_main_process:
+            target = Path(output_dir) / "model"
+            accelerator.unwrap_model(model).save_pretrained(target, state_dict=state)
+            tokenizer.save_pretrained(target)
+            log.info("model saved to %s", target)
     accelerator.wait_for_everyone()
     return result
 

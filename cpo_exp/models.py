@@ -46,7 +46,22 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.peft == "lora":
+        model = with_lora(model, cfg)
     return model
+
+
+def with_lora(model: PreTrainedModel, cfg: ModelConfig):
+    """Freeze the model and add LoRA adapters (``peft``); ``save_pretrained`` then writes only them."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("model.peft=lora needs the peft library: pip install 'cpo_exp[peft]'") from None
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else None)
+    return get_peft_model(model, lora)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
