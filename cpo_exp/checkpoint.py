@@ -89,7 +89,7 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 def check_writable(output_dir: str | Path) -> None:
     """Fail before training when the output dir cannot take files (read-only, full, not a dir)."""
     folder = Path(output_dir)
-    probe = folder / ".write_probe"
+    probe = folder / f".write_probe-{os.getpid()}"  # one per process: ranks probe the same dir
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"\0" * 4096)
