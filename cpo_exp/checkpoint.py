@@ -56,6 +56,7 @@ class ResumePoint:
     position: Position
     mlflow_run_id: Optional[str]
     config: dict[str, Any]
+    num_processes: int = 1
 
 
 def config_hash(flat_config: dict[str, Any]) -> str:
@@ -159,9 +160,9 @@ class Checkpointer:
     def restore(self, accelerator) -> Position:
         """Load the resume point's state into the prepared objects; returns where to continue."""
         assert self.resume is not None
-        if accelerator.num_processes != self.resume_processes:
+        if accelerator.num_processes != self.resume.num_processes:
             raise CheckpointError(
-                f"checkpoint {self.resume.path} was written by {self.resume_processes} process(es), "
+                f"checkpoint {self.resume.path} was written by {self.resume.num_processes} process(es), "
                 f"this run has {accelerator.num_processes}: the data order would not continue"
             )
         try:
@@ -170,10 +171,6 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {self.resume.path} does not fit this model: {err}") from None
         log.info("resumed from %s at step %d", self.resume.path, self.resume.position.global_step)
         return self.resume.position
-
-    @property
-    def resume_processes(self) -> int:
-        return int(self.resume.config.get("__num_processes__", 1)) if self.resume else 1
 
 
 def open_resume_point(run_dir: str | Path) -> ResumePoint:
@@ -204,9 +201,7 @@ def open_resume_point(run_dir: str | Path) -> ResumePoint:
         if file.stat().st_size != expected["bytes"] or _sha256(file) != expected["sha256"]:
             raise CheckpointError(f"checkpoint {path} is corrupt: {name} differs from the manifest "
                                   f"(size or SHA-256)")
-    config = dict(config)
-    config["__num_processes__"] = state.get("num_processes", 1)
-    return ResumePoint(path, position, state.get("mlflow_run_id"), config)
+    return ResumePoint(path, position, state.get("mlflow_run_id"), config, int(state.get("num_processes", 1)))
 
 
 def config_mismatches(stored: dict[str, Any], current: dict[str, Any], keys: list[str]) -> list[str]:
@@ -214,7 +209,7 @@ def config_mismatches(stored: dict[str, Any], current: dict[str, Any], keys: lis
     problems = []
     for key in keys:
         names = sorted({k for k in {**stored, **current} if k == key or k.startswith(key + ".")}
-                       - set(VOLATILE_KEYS) - {"__num_processes__"})
+                       - set(VOLATILE_KEYS))
         for name in names:
             if stored.get(name, "<absent>") != current.get(name, "<absent>"):
                 problems.append(f"{name}: checkpoint {stored.get(name, '<absent>')!r}, "

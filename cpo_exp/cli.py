@@ -68,7 +68,7 @@ def resumed_config(dcfg: DictConfig, point: checkpoint.ResumePoint, overrides: l
     if problems:
         raise CheckpointError(f"resume={dcfg.resume}: the command line changes the checkpoint's config "
                               f"({'; '.join(problems)}); a resumed run keeps its config")
-    stored = {k: v for k, v in point.config.items() if k not in checkpoint.VOLATILE_KEYS and not k.startswith("__")}
+    stored = {k: v for k, v in point.config.items() if k not in checkpoint.VOLATILE_KEYS}
     volatile = {k: v for k, v in current.items() if k in checkpoint.VOLATILE_KEYS}
     merged = OmegaConf.merge(OmegaConf.structured(Config), unflatten({**stored, **volatile}))
     return merged
