@@ -251,7 +251,13 @@ def train(
     grad_norm, finite, skipped = torch.tensor(0.0), torch.tensor(True), 0
 
     def position() -> Position:
-        return Position(step, epoch, in_epoch, window.state())
+        # One window for all ranks: each batch's values averaged over the ranks. Every rank has as
+        # many batches in its window, so the logged mean of the means is unchanged after resume.
+        state = window.state()
+        if accelerator.num_processes > 1:
+            state = {name: accelerator.reduce(torch.tensor(state[name], device=accelerator.device), "mean").tolist()
+                     for name in sorted(state)}
+        return Position(step, epoch, in_epoch, state)
 
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
     while step < total_steps:

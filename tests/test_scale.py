@@ -70,20 +70,32 @@ def test_slurm_launcher_preset_composes():
 # cpo_alpha=0: the NLL term is a token-weighted mean, which each process takes over its own half
 # of the batch, so only the pair-averaged terms are identical between 1 and 2 processes. A small
 # learning rate keeps Adam's sign-like first steps from amplifying float rounding differences.
-EQUAL_BATCH = ["cpo_alpha=0", "train.learning_rate=1e-5", "train.max_steps=4", "train.logging_steps=2",
-               "train.eval_steps=2", "train.save_steps=2", "data.max_eval_samples=16", "train.save_model=false"]
+# save_steps=3 with logging_steps=2: the step-3 checkpoint holds a half-filled metric window.
+EQUAL_BATCH = ["cpo_alpha=0", "train.learning_rate=1e-5", "train.max_steps=6", "train.logging_steps=2",
+               "train.eval_steps=2", "train.save_steps=3", "data.max_eval_samples=16", "train.save_model=false"]
+
+
+def accelerate_launch_2(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", "0", "-m", "cpo_exp", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600)
 
 
 @pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(workdir):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    two = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--main_process_port", "0", "-m", "cpo_exp", "hardware=ddp", "hardware.cpu=true",
-         "hardware.mixed_precision=no", "train.per_device_train_batch_size=4", "train.per_device_eval_batch_size=4",
-         *EQUAL_BATCH, "hydra.run.dir=outputs/two"],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    """Also across a resume: the 2-process run loses its last checkpoint and continues from step 3."""
+    import shutil
+
+    two = accelerate_launch_2("hardware=ddp", "hardware.cpu=true", "hardware.mixed_precision=no",
+                              "train.per_device_train_batch_size=4", "train.per_device_eval_batch_size=4",
+                              *EQUAL_BATCH, "hydra.run.dir=outputs/two", cwd=workdir)
     assert two.returncode == 0, two.stderr[-3000:]
+    shutil.rmtree(workdir / "outputs" / "two" / "checkpoints" / "step-6")
+    resumed = accelerate_launch_2(f"resume={workdir / 'outputs' / 'two'}", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step-3 at step 3" in resumed.stderr
     one = run_cli(*EQUAL_BATCH, "hydra.run.dir=outputs/one", cwd=workdir)
     assert one.returncode == 0, one.stderr[-3000:]
 
@@ -93,12 +105,13 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(workdir
     assert sorted(runs) == ["one", "two"]  # rank 1 never opened a run
     for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
                  "eval_loss", "eval_rewards/margins", "eval_logps/chosen"):
-        got = {m.step: m.value for m in client.get_metric_history(runs["two"].info.run_id, name)}
+        got = {m.step: m.value for m in sorted(client.get_metric_history(runs["two"].info.run_id, name),
+                                               key=lambda m: m.timestamp)}  # the resumed values last
         expected = {m.step: m.value for m in client.get_metric_history(runs["one"].info.run_id, name)}
         assert sorted(got) == sorted(expected) and got == pytest.approx(expected, rel=2e-3, abs=2e-3), name
     run_dir = workdir / "outputs" / "two"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-2", "step-4"]
-    assert sorted(p.name for p in (run_dir / "checkpoints" / "step-4").glob("random_states_*")) == [
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "step-6").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
     assert not list(workdir.glob("outputs/2*"))  # no per-process timestamped dirs
 
