@@ -19,8 +19,7 @@ from typing import Callable, Optional
 
 import datasets
 import torch
-from accelerate import Accelerator
-from accelerate import skip_first_batches
+from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
