@@ -7,7 +7,9 @@ check the data, tokenize, then (only then) load the model and train.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,14 +20,16 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cpo_exp import checkpoint, interrupts
+from cpo_exp.checkpoint import CheckpointError
 from cpo_exp.config import Config, ConfigError, validate
 from cpo_exp.data import DataError, PreparedSplit, SequenceLengths, prepare_data, summarize
-from cpo_exp.tracking import TrackingError, flatten, tracked_run
+from cpo_exp.tracking import TrackingError, flatten, redact, tracked_run
 
 log = logging.getLogger("cpo_exp")
 
 # Errors that mean "the user asked for something impossible": shown as one clear line.
-USER_ERRORS = (ConfigError, DataError, TrackingError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataError, TrackingError, FileNotFoundError, CheckpointError)
 
 
 def config_dir() -> str:
@@ -35,6 +39,9 @@ def config_dir() -> str:
 
 
 ConfigStore.instance().store(name="cpo_exp_schema", node=Config)
+# conf/config.yaml: ``resume=<dir>`` makes <dir> the run dir (see there).
+OmegaConf.register_new_resolver("cpo_exp.if_resume", lambda resume, then, other: then if resume else other,
+                                replace=True)
 
 
 def run_name(overrides: list[str]) -> str:
@@ -42,12 +49,77 @@ def run_name(overrides: list[str]) -> str:
     return ",".join(overrides) if overrides else "default"
 
 
+def unflatten(flat: dict) -> dict:
+    tree: dict = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def resumed_config(dcfg: DictConfig, point: checkpoint.ResumePoint, overrides: list[str]) -> DictConfig:
+    """The checkpoint's config; command-line overrides may only repeat it (or change volatile keys)."""
+    current = flatten(OmegaConf.to_container(dcfg, resolve=True))
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+    problems = checkpoint.config_mismatches(point.config, current, [k for k in keys if k != "resume"])
+    if problems:
+        raise CheckpointError(f"resume={dcfg.resume}: the command line changes the checkpoint's config "
+                              f"({'; '.join(problems)}); a resumed run keeps its config")
+    stored = {k: v for k, v in point.config.items() if k not in checkpoint.VOLATILE_KEYS}
+    volatile = {k: v for k, v in current.items() if k in checkpoint.VOLATILE_KEYS}
+    merged = OmegaConf.merge(OmegaConf.structured(Config), unflatten({**stored, **volatile}))
+    return merged
+
+
+def check_shared_run_dir(world_size: int, hydra_overrides: list[str], resume: Optional[str]) -> None:
+    """Under ``accelerate launch``/``torchrun`` all processes must write into one run dir.
+
+    Hydra's default dir is a timestamp taken in each process, so each would get its own.
+    """
+    if world_size > 1 and not resume and not any(o.startswith("hydra.run.dir=") for o in hydra_overrides):
+        raise ConfigError(
+            f"a run of {world_size} processes needs one shared output dir, but Hydra's default dir is a "
+            "per-process timestamp: add hydra.run.dir=outputs/<name> to the command line"
+        )
+
+
+# What accelerate launch exports for the strategies that change how the model is wrapped.
+_LAUNCH_ENV = {"fsdp": "ACCELERATE_USE_FSDP", "deepspeed": "ACCELERATE_USE_DEEPSPEED"}
+
+
+def check_launcher(distributed: str, env: dict) -> None:
+    """FSDP and DeepSpeed come from the launcher; without it accelerate would silently run plain."""
+    var = _LAUNCH_ENV.get(distributed)
+    if var and env.get(var, "false").lower() != "true":
+        preset = "deepspeed_zero2 (or deepspeed_zero3)" if distributed == "deepspeed" else distributed
+        raise ConfigError(
+            f"hardware.distributed={distributed} needs accelerate's launcher: accelerate launch --config_file "
+            f"$(python -m cpo_exp.launch {preset.split()[0]}) -m cpo_exp hardware={preset.split()[0]} "
+            "hydra.run.dir=outputs/<name> ..."
+        )
+
+
 def run(dcfg: DictConfig) -> Optional[float]:
     """One job: everything after composition. Returns the final eval loss (for sweepers)."""
     hydra_cfg = HydraConfig.get()
+    overrides = list(hydra_cfg.overrides.task)
+    # Set by accelerate launch and torchrun; only the first process talks to MLflow.
+    world_size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    if hydra_cfg.mode == RunMode.RUN:  # a multirun's job dirs are named by the one outer process
+        check_shared_run_dir(world_size, list(hydra_cfg.overrides.hydra), dcfg.resume)
+    if rank > 0:  # one copy of every progress line is enough; warnings and errors still show
+        logging.getLogger("cpo_exp").setLevel(logging.WARNING)
+    point = checkpoint.open_resume_point(dcfg.resume) if dcfg.resume else None
+    if point is not None:
+        dcfg = resumed_config(dcfg, point, overrides)
     cfg: Config = OmegaConf.to_object(dcfg)
     cfg.output_dir = hydra_cfg.runtime.output_dir
     validate(cfg)
+    check_launcher(cfg.hardware.distributed, dict(os.environ))
+    checkpoint.check_writable(cfg.output_dir)
 
     import transformers
 
@@ -55,23 +127,29 @@ def run(dcfg: DictConfig) -> Optional[float]:
 
     quiet_progress_bars(cfg)
 
-    overrides = list(hydra_cfg.overrides.task)
     tags = {f"choice/{k}": v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
     tags["output_dir"] = cfg.output_dir
     if hydra_cfg.mode == RunMode.MULTIRUN:
         tags["sweep_dir"] = hydra_cfg.sweep.dir
         tags["job_num"] = hydra_cfg.job.num
-    name = cfg.tracking.run_name or run_name(overrides)
-    with tracked_run(cfg.tracking, hydra_cfg.runtime.cwd, name, tags) as tracker:
-        resolved = OmegaConf.to_container(dcfg, resolve=True)
-        resolved["output_dir"] = cfg.output_dir
-        tracker.log_params(flatten(resolved))
-        resolved_path = Path(cfg.output_dir) / "resolved_config.yaml"
-        resolved_path.write_text(OmegaConf.to_yaml(resolved))
-        tracker.log_artifact(str(resolved_path))
-        hydra_dir = Path(cfg.output_dir) / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
-        if hydra_dir is not None and hydra_dir.is_dir():
-            tracker.log_artifacts(str(hydra_dir), "hydra")
+    name = cfg.tracking.run_name or run_name(redact(overrides))
+    resolved = OmegaConf.to_container(dcfg, resolve=True)
+    resolved["output_dir"] = cfg.output_dir
+    # Secrets stay out of MLflow and out of the files written next to checkpoints.
+    public = redact(resolved)
+    tracking = cfg.tracking if rank == 0 else dataclasses.replace(cfg.tracking, backend="none")
+    with tracked_run(tracking, hydra_cfg.runtime.cwd, name, tags,
+                     run_id=point.mlflow_run_id if point else None, spill_dir=cfg.output_dir) as tracker:
+        if point is None and rank == 0:
+            tracker.log_params(flatten(public))
+            resolved_path = Path(cfg.output_dir) / "resolved_config.yaml"
+            resolved_path.write_text(OmegaConf.to_yaml(public))
+            tracker.log_artifact(str(resolved_path))
+            hydra_dir = Path(cfg.output_dir) / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
+            if hydra_dir is not None and hydra_dir.is_dir():
+                log_hydra_record(tracker, hydra_dir)
+        elif point is not None:
+            tracker.set_tags({"resumed_from": str(point.path)})
 
         tokenizer = models.load_tokenizer(cfg.model)
         prepared = prepare(cfg, tokenizer, tracker)
@@ -79,12 +157,18 @@ def run(dcfg: DictConfig) -> Optional[float]:
 
         transformers.set_seed(cfg.train.seed)
         model = models.load_model(cfg.model, tokenizer)
-        tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters())})
-        result = engine.train(
-            model, tokenizer, tokenized["train"], tokenized.get("eval"), cfg.loss_spec(), cfg.train,
-            cfg.hardware, cfg.output_dir, tracker.log_metrics,
-            extra_eval=generation_eval(cfg, tokenizer, prepared.get("eval"), tracker),
-        )
+        tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters()),
+                            "model.trainable_parameters": sum(p.numel() for p in model.parameters()
+                                                              if p.requires_grad)})
+        checkpointer = checkpoint.Checkpointer(cfg.output_dir, cfg.train.save_steps, cfg.train.save_total_limit,
+                                               flatten(public), tracker.run_id, point)
+        with interrupts.graceful_stop():
+            result = engine.train(
+                model, tokenizer, tokenized["train"], tokenized.get("eval"), cfg.loss_spec(), cfg.train,
+                cfg.hardware, cfg.output_dir, tracker.log_metrics,
+                extra_eval=generation_eval(cfg, tokenizer, prepared.get("eval"), tracker),
+                checkpointer=checkpointer,
+            )
         tracker.log_metrics({"train_seconds": result.train_seconds,
                              "train_tokens_per_second": result.tokens_per_second}, result.global_step)
         log.info("done in %.1fs; outputs in %s", result.train_seconds, cfg.output_dir)
@@ -131,12 +215,33 @@ def generation_eval(cfg: Config, tokenizer, eval_split: Optional[PreparedSplit],
     spec = SamplingSpec(e.max_new_tokens, e.do_sample, e.temperature, e.top_p, e.batch_size, e.seed)
     return GenerationEval(tokenizer, eval_split.rows, e.num_prompts, spec, e.scorers,
                           log_table=lambda data, step: tracker.log_table(data, "eval_samples.json"))
+def engine_errors() -> tuple[type[Exception], ...]:
+    from cpo_exp.engine import NonFiniteError  # the engine imports torch: only when needed
+
+    return (NonFiniteError,)
+
+
+def log_hydra_record(tracker, hydra_dir: Path) -> None:
+    """Hydra's ``.hydra/`` files as artifacts, with secrets redacted (the local files stay as they are)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in sorted(hydra_dir.glob("*.yaml")):
+            tree = redact(OmegaConf.to_container(OmegaConf.load(file), resolve=False))
+            (Path(tmp) / file.name).write_text(OmegaConf.to_yaml(tree))
+        tracker.log_artifacts(tmp, "hydra")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
 def main(dcfg: DictConfig) -> Optional[float]:
     try:
         return run(dcfg)
+    except interrupts.Stopped as err:
+        log.error("%s; continue with: python -m cpo_exp resume=%s", err, HydraConfig.get().runtime.output_dir)
+        sys.exit(128 + err.signum)
+    except engine_errors() as err:
+        log.error("%s", err)
+        sys.exit(3)
     except USER_ERRORS as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra records the failed job and the sweep goes on

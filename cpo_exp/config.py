@@ -45,6 +45,15 @@ class ModelConfig:
     trust_remote_code: bool = False
     attn_implementation: Optional[str] = None
     gradient_checkpointing: bool = False
+    # Hugging Face hub token for private models; never logged (redacted in MLflow).
+    token: Optional[str] = None
+    # "lora": train LoRA adapters (peft library) instead of all weights; saving writes the adapter.
+    peft: Optional[str] = None
+    # LoRA knobs, named and defaulted as TRL's ModelConfig; null target modules: peft's per-architecture default.
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: Optional[list[str]] = None
 
 
 @dataclass
@@ -96,6 +105,13 @@ class TrainConfig:
     # Progress bars: null shows them only when stderr is a terminal.
     progress_bar: Optional[bool] = None
     save_model: bool = True
+    # Checkpoints (model, optimizer, scheduler, RNG, data position) every save_steps optimizer
+    # steps and at the end, under <output_dir>/checkpoints/; null: only at the end and on SIGINT/SIGTERM.
+    save_steps: Optional[int] = 500
+    # Keep only the newest N checkpoints; null keeps all (TRL's default).
+    save_total_limit: Optional[int] = None
+    # A non-finite loss or gradient: "stop" fails the run, "skip" drops that optimizer step.
+    on_nonfinite: str = "stop"
 
 
 @dataclass
@@ -121,6 +137,9 @@ class HardwareConfig:
 
     mixed_precision: str = "no"
     cpu: bool = False
+    # "ddp", "fsdp", "deepspeed": the strategy the launcher must set up (accelerate launch with the
+    # matching cpo_exp/launch/*.yaml); checked at start so a forgotten launcher fails before training.
+    distributed: str = "no"
 
 
 @dataclass
@@ -133,6 +152,9 @@ class TrackingConfig:
     experiment_name: str = "cpo_exp"
     # null: named from the command-line overrides (e.g. "loss=simpo,cpo_alpha=0")
     run_name: Optional[str] = None
+    # A tracking server that goes away mid-run: training goes on, metrics are buffered, and the
+    # end of the run waits this long for the server before giving up (unsent metrics stay on disk).
+    reconnect_timeout_s: float = 300.0
 
 
 @dataclass
@@ -157,6 +179,8 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Where the model and logs of this run go; the CLI sets it to Hydra's run directory.
     output_dir: str = "outputs/run"
+    # A run directory to continue from its newest checkpoint, with the config stored there.
+    resume: Optional[str] = None
 
     def loss_spec(self) -> LossSpec:
         return LossSpec(
@@ -221,6 +245,10 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.model.name_or_path) and cfg.model.name_or_path != "???",
              "model.name_or_path", "must name a folder or a hub id", cfg.model.name_or_path)
     _one_of("model.dtype", cfg.model.dtype, _DTYPES)
+    if cfg.model.peft is not None:
+        _one_of("model.peft", cfg.model.peft, ("lora",))
+        _require(cfg.model.lora_r > 0, "model.lora_r", "must be > 0", cfg.model.lora_r)
+        _require(0 <= cfg.model.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)", cfg.model.lora_dropout)
 
     d = cfg.data
     _require(bool(d.train_files) or bool(d.path), "data.path",
@@ -267,6 +295,11 @@ def validate(cfg: Config) -> None:
                 resolve_scorer(name)
             except ValueError as err:
                 raise ConfigError(f"eval.scorers: {err}") from None
+    for key in ("save_steps", "save_total_limit"):
+        if getattr(t, key) is not None:
+            _require(getattr(t, key) > 0, f"train.{key}", "must be > 0 or null", getattr(t, key))
+    _one_of("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
 
     _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
+    _one_of("hardware.distributed", cfg.hardware.distributed, ("no", "ddp", "fsdp", "deepspeed"))
     _one_of("tracking.backend", cfg.tracking.backend, ("mlflow", "none"))

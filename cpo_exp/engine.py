@@ -19,12 +19,14 @@ from typing import Callable, Optional
 
 import datasets
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, skip_first_batches
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
+from cpo_exp import interrupts
+from cpo_exp.checkpoint import Checkpointer, Position
 from cpo_exp.config import HardwareConfig, TrainConfig
 from cpo_exp.data import LABEL_PAD, collator_for
 from cpo_exp.losses import LossSpec, preference_loss, total_loss
@@ -34,6 +36,10 @@ from cpo_exp.models import disable_dropout
 log = logging.getLogger(__name__)
 
 MetricsSink = Callable[[dict[str, float], int], None]
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient with ``train.on_nonfinite=stop``; names the step and last metrics."""
 
 
 # --------------------------------------------------------------------------- the pair forward
@@ -48,6 +54,8 @@ class PairOutput:
     nll_loss: torch.Tensor
     chosen_logits_mean: torch.Tensor
     rejected_logits_mean: torch.Tensor
+    # Mixture-of-experts models with ``output_router_logits``: the router load-balancing loss.
+    aux_loss: Optional[torch.Tensor] = None
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,8 +87,9 @@ def forward_pair(model: torch.nn.Module, batch: dict[str, torch.Tensor], average
     the completions are decoded against it.
     """
     seq2seq = {"decoder_input_ids": batch["decoder_input_ids"]} if "decoder_input_ids" in batch else {}
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   **seq2seq).logits
+    outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                    **seq2seq)
+    logits = outputs.logits
     per_token, mask = token_logps(logits, batch["labels"], shift=not seq2seq)
     logps = sequence_logps(per_token, mask, average)
     half = batch["input_ids"].shape[0] // 2
@@ -94,19 +103,36 @@ def forward_pair(model: torch.nn.Module, batch: dict[str, torch.Tensor], average
         nll_loss=nll,
         chosen_logits_mean=detached[:half].float().mean(),
         rejected_logits_mean=detached[half:].float().mean(),
+        aux_loss=getattr(outputs, "aux_loss", None),
     )
 
 
-def pair_loss(model, batch, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The training objective of one batch and its metrics (TRL's ``get_batch_loss_metrics``)."""
+def pair_loss(model, batch, spec: LossSpec, aux_loss_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The training objective of one batch and its metrics (TRL's ``get_batch_loss_metrics``).
+
+    A mixture-of-experts model's router loss is added as ``aux_loss_coef * aux_loss`` (TRL:
+    ``router_aux_loss_coef`` of a model with ``output_router_logits``).
+    """
     out = forward_pair(model, batch, spec.average_log_prob)
     losses, chosen_rewards, rejected_rewards = preference_loss(out.chosen_logps, out.rejected_logps, spec)
     loss = total_loss(losses, out.nll_loss, spec.cpo_alpha)
+    if aux_loss_coef and out.aux_loss is not None:
+        loss = loss + aux_loss_coef * out.aux_loss
     metrics = pair_metrics(
         loss, out.nll_loss, chosen_rewards, rejected_rewards, out.chosen_logps, out.rejected_logps,
         out.chosen_logits_mean, out.rejected_logits_mean,
     )
+    if aux_loss_coef and out.aux_loss is not None:
+        metrics["aux_loss"] = out.aux_loss.detach().float()
     return loss, metrics
+
+
+def router_aux_loss_coef(model: PreTrainedModel) -> float:
+    """The MoE router loss weight, or 0 when the model does not return router logits."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "output_router_logits", False):
+        return 0.0
+    return float(getattr(config, "router_aux_loss_coef", 0.0))
 
 
 # --------------------------------------------------------------------------- the run
@@ -134,16 +160,26 @@ def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, loader, spec: LossSpec, progress: bool = False) -> dict[str, float]:
+def evaluate(model, loader, spec: LossSpec, accelerator: Accelerator, progress: bool = False,
+             aux_loss_coef: float = 0.0) -> dict[str, float]:
     """Eval metrics over the whole loader, each the mean of its batch values (as TRL)."""
     was_training = model.training
     model.eval()
     window = MetricWindow()
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        _, metrics = pair_loss(model, batch, spec)
+        _, metrics = pair_loss(model, batch, spec, aux_loss_coef)
         window.add(metrics)
     model.train(was_training)
-    return window.flush(prefix=EVAL_PREFIX)
+    return reduce_across_processes(window.flush(prefix=EVAL_PREFIX), accelerator)
+
+
+def reduce_across_processes(metrics: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """Mean of each metric over the processes (each saw equally many batches of equal size)."""
+    if accelerator.num_processes == 1 or not metrics:
+        return metrics
+    names = sorted(metrics)  # the same order on every process
+    values = accelerator.reduce(torch.tensor([metrics[n] for n in names], device=accelerator.device), "mean")
+    return dict(zip(names, values.tolist()))
 
 
 def train(
@@ -157,10 +193,14 @@ def train(
     output_dir: str,
     log_metrics: MetricsSink = lambda metrics, step: None,
     extra_eval: Optional[Callable[[torch.nn.Module, int], dict[str, float]]] = None,
+    checkpointer: Optional[Checkpointer] = None,
 ) -> TrainResult:
     """Train ``model`` on tokenized pairs; metrics go to ``log_metrics(metrics, step)``.
 
     ``extra_eval(model, step)`` adds metrics to every evaluation (e.g. generation scores).
+    With a ``checkpointer``, state is saved every ``train.save_steps``, at the end, and when a
+    SIGINT/SIGTERM arrives (then :class:`cpo_exp.interrupts.Stopped` is raised); if it holds a
+    resume point, training continues from there exactly as if never interrupted.
     """
     accelerator = Accelerator(
         mixed_precision=hardware.mixed_precision,
@@ -169,6 +209,7 @@ def train(
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(cfg.seed)
+    aux_coef = router_aux_loss_coef(model)
     if cfg.disable_dropout:
         disable_dropout(model)
     collate = collator_for(model.config, tokenizer.pad_token_id)
@@ -200,7 +241,7 @@ def train(
     def run_eval(step: int) -> None:
         if eval_loader is None:
             return
-        metrics = evaluate(model, eval_loader, spec, show)
+        metrics = evaluate(model, eval_loader, spec, accelerator, show, aux_coef)
         if extra_eval is not None:
             metrics.update(extra_eval(accelerator.unwrap_model(model), step))
         result.eval_metrics = metrics
@@ -210,25 +251,53 @@ def train(
 
     log.info("training %d steps (%d pairs, batch %d x %d accumulation)", total_steps, len(train_set),
              cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps)
-    run_eval(0)
+    start = checkpointer.restore(accelerator) if checkpointer and checkpointer.resume else Position()
+    window, step, epoch = MetricWindow(), start.global_step, start.epoch
+    window.load(start.window, accelerator.device)
+    if step == 0:
+        run_eval(0)
     model.train()
-    window, step, epoch = MetricWindow(), 0, 0
+    skip, in_epoch = start.batches_in_epoch, 0
     window_tokens, window_start, train_start, all_tokens = 0, time.perf_counter(), time.perf_counter(), 0
-    grad_norm = torch.tensor(0.0)
-    progress = tqdm(total=total_steps, desc="train", disable=not show)
+    grad_norm, finite, skipped = torch.tensor(0.0), torch.tensor(True), 0
+
+    def position() -> Position:
+        # One window for all ranks: each batch's values averaged over the ranks. Every rank has as
+        # many batches in its window, so the logged mean of the means is unchanged after resume.
+        state = window.state()
+        if accelerator.num_processes > 1:
+            state = {name: accelerator.reduce(torch.tensor(state[name], device=accelerator.device), "mean").tolist()
+                     for name in sorted(state)}
+        return Position(step, epoch, in_epoch, state)
+
+    progress = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
     while step < total_steps:
-        for batch in train_loader:
+        # The epoch fixes the shuffle (seedable sampler); on resume the consumed batches are skipped.
+        train_loader.set_epoch(epoch)
+        loader, in_epoch, skip = (skip_first_batches(train_loader, skip) if skip else train_loader), skip, 0
+        for batch in loader:
+            in_epoch += 1
+            update = True
             with accelerator.accumulate(model):
-                loss, metrics = pair_loss(model, batch, spec)
+                loss, metrics = pair_loss(model, batch, spec, aux_coef)
                 accelerator.backward(loss)
+                finite = finite & torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(
                         model.parameters(), cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
                     )
-                optimizer.step()
-                scheduler.step()
+                    # One host sync per optimizer step: a NaN must not reach the weights.
+                    update = bool(finite & torch.isfinite(grad_norm))
+                    finite = torch.tensor(True)
+                    if not update:
+                        _on_nonfinite(cfg, step + 1, float(grad_norm), result, checkpointer)
+                        skipped += 1
+                if update:
+                    optimizer.step()
+                    scheduler.step()
                 optimizer.zero_grad()
-            window.add(metrics)
+            if update:
+                window.add(metrics)
             window_tokens += int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
@@ -236,13 +305,15 @@ def train(
             progress.update(1)
             if step % cfg.logging_steps == 0 or step == total_steps:
                 elapsed = time.perf_counter() - window_start
-                logged = window.flush()
+                logged = reduce_across_processes(window.flush(), accelerator)
                 logged.update(
                     learning_rate=scheduler.get_last_lr()[0],
                     grad_norm=float(grad_norm),
                     epoch=step / batches_per_step_epoch,
                     tokens_per_second=window_tokens / elapsed,
                 )
+                if skipped:
+                    logged["nonfinite_skipped_steps"] = skipped
                 result.train_metrics = logged
                 log_metrics(logged, step)
                 log.info("step %d/%d: %s", step, total_steps, _brief(logged))
@@ -250,21 +321,49 @@ def train(
                 window_tokens, window_start = 0, time.perf_counter()
             if cfg.eval_steps and step % cfg.eval_steps == 0 and step != total_steps:
                 run_eval(step)
+            stop = _stop_requested(accelerator)
+            if checkpointer and (checkpointer.due(step) or stop or step == total_steps):
+                checkpointer.save(accelerator, position())
+            if stop:
+                progress.close()
+                raise interrupts.Stopped(stop, step, str(checkpointer.last_saved) if checkpointer else None)
             if step >= total_steps:
                 break
-        epoch += 1
+        else:
+            epoch += 1
     progress.close()
     result.global_step = step
     result.train_seconds = time.perf_counter() - train_start
     result.tokens_per_second = all_tokens / result.train_seconds if result.train_seconds else 0.0
     run_eval(step)
-    if cfg.save_model and accelerator.is_main_process:
-        target = Path(output_dir) / "model"
-        accelerator.unwrap_model(model).save_pretrained(target)
-        tokenizer.save_pretrained(target)
-        log.info("model saved to %s", target)
+    if cfg.save_model:
+        state = accelerator.get_state_dict(model)  # gathers shards under FSDP / ZeRO-3: every process
+        if accelerator.is_main_process:
+            target = Path(output_dir) / "model"
+            accelerator.unwrap_model(model).save_pretrained(target, state_dict=state)
+            tokenizer.save_pretrained(target)
+            log.info("model saved to %s", target)
     accelerator.wait_for_everyone()
     return result
+
+
+def _on_nonfinite(cfg: TrainConfig, step: int, grad_norm: float, result: TrainResult,
+                  checkpointer: Optional[Checkpointer]) -> None:
+    last = ", ".join(f"{k}={v:.4g}" for k, v in result.train_metrics.items()) or "none logged yet"
+    kept = f"; last good checkpoint: {checkpointer.last_saved}" if checkpointer and checkpointer.last_saved else ""
+    if cfg.on_nonfinite == "stop":
+        raise NonFiniteError(f"non-finite loss or gradient at step {step} (grad_norm={grad_norm}); "
+                             f"last logged metrics: {last}{kept}. Lower train.learning_rate, or set "
+                             "train.on_nonfinite=skip to drop such steps")
+    log.warning("step %d: non-finite loss or gradient (grad_norm=%s); update skipped", step, grad_norm)
+
+
+def _stop_requested(accelerator: Accelerator) -> int:
+    """The stop signal, agreed by all processes (one may see it a step before another)."""
+    signum = interrupts.requested() or 0
+    if accelerator.num_processes > 1:
+        signum = int(accelerator.reduce(torch.tensor(signum, device=accelerator.device), "max"))
+    return signum
 
 
 def _brief(metrics: dict[str, float], prefix: str = "") -> str:

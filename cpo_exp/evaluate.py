@@ -99,7 +99,8 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
         loader = DataLoader(prepared["eval"].dataset, batch_size=cfg.train.per_device_eval_batch_size,
                             collate_fn=collator_for(model.config, tokenizer.pad_token_id))
         model, loader = accelerator.prepare(model, loader)
-        metrics = engine.evaluate(model, loader, cfg.loss_spec())
+        metrics = engine.evaluate(model, loader, cfg.loss_spec(), accelerator,
+                                  aux_loss_coef=engine.router_aux_loss_coef(model))
         scorer = generation_eval(cfg, tokenizer, prepared["eval"], tracker)
         if scorer is not None:
             metrics.update(scorer(accelerator.unwrap_model(model), step))

@@ -66,6 +66,14 @@ class MetricWindow:
         for name, value in metrics.items():
             self._values[name].append(value)
 
+    def state(self) -> dict[str, list[float]]:
+        """The unflushed values as floats, for a checkpoint."""
+        return {name: torch.stack(values).tolist() for name, values in self._values.items()}
+
+    def load(self, state: dict[str, list[float]], device: torch.device | str = "cpu") -> None:
+        for name, values in state.items():
+            self._values[name].extend(torch.tensor(v, device=device) for v in values)
+
     def __len__(self) -> int:
         return max((len(v) for v in self._values.values()), default=0)
 

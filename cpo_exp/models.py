@@ -19,7 +19,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token guaranteed (EOS stands in when there is none, as in TRL)."""
     tokenizer = AutoTokenizer.from_pretrained(
-        locate(cfg.tokenizer or cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        locate(cfg.tokenizer or cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+        token=cfg.token,
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -31,14 +32,15 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 def is_encoder_decoder(cfg: ModelConfig) -> bool:
     """Read from the model's config alone (cheap: no weights), so data can be prepared first."""
     config = AutoConfig.from_pretrained(locate(cfg.name_or_path), revision=cfg.revision,
-                                        trust_remote_code=cfg.trust_remote_code)
+                                        trust_remote_code=cfg.trust_remote_code, token=cfg.token)
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Load weights, or build fresh ones from the folder's config when ``random_init`` is set."""
     path = locate(cfg.name_or_path)
-    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                        token=cfg.token)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
@@ -47,14 +49,30 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     if cfg.random_init:
         model = auto.from_config(config, dtype=dtype if dtype != "auto" else None, **kwargs)
     else:
-        model = auto.from_pretrained(path, dtype=dtype, revision=cfg.revision, **kwargs)
+        model = auto.from_pretrained(path, dtype=dtype, revision=cfg.revision, token=cfg.token, **kwargs)
     # The model must agree with the tokenizer on padding from the start (generation uses it).
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.peft == "lora":
+        model = with_lora(model, cfg)
     return model
+
+
+def with_lora(model: PreTrainedModel, cfg: ModelConfig):
+    """Freeze the model and add LoRA adapters (``peft``); ``save_pretrained`` then writes only them."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("model.peft=lora needs the peft library: pip install 'cpo_exp[peft]'") from None
+    if cfg.gradient_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    task = "SEQ_2_SEQ_LM" if model.config.is_encoder_decoder else "CAUSAL_LM"
+    lora = LoraConfig(task_type=task, r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules) if cfg.lora_target_modules else None)
+    return get_peft_model(model, lora)
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

@@ -1,0 +1,179 @@
+"""Scale through existing engines: hardware presets, accelerate launcher configs, 2 processes on CPU
+(gloo), the SLURM launcher preset, LoRA through peft, and the router loss of mixture-of-experts models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+
+from cpo_exp.cli import check_launcher, check_shared_run_dir, config_dir
+from cpo_exp.config import Config, ConfigError, validate
+from cpo_exp.launch import PRESETS, config_file
+
+from conftest import run_cli
+
+
+def compose_config(overrides: list[str], hydra: bool = False):
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return compose("config", overrides=overrides, return_hydra_config=hydra)
+
+
+@pytest.mark.parametrize("preset,strategy", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
+                                             ("deepspeed_zero2", "DEEPSPEED"), ("deepspeed_zero3", "DEEPSPEED")])
+def test_distributed_presets_pair_with_an_accelerate_config_that_accelerate_reads(preset, strategy):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    cfg: Config = OmegaConf.to_object(compose_config([f"hardware={preset}"]))
+    validate(cfg)
+    assert cfg.hardware.mixed_precision == "bf16" and not cfg.hardware.cpu
+    launcher = load_config_from_file(str(config_file(preset)))
+    assert launcher.distributed_type.value == strategy and launcher.mixed_precision == "bf16"
+    if preset.startswith("deepspeed"):
+        assert launcher.deepspeed_config["zero_stage"] == int(preset[-1])
+    assert set(PRESETS) == {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
+
+
+def test_fsdp_and_deepspeed_without_their_launcher_fail_before_training():
+    with pytest.raises(ConfigError, match=r"accelerate launch --config_file \$\(python -m cpo_exp.launch fsdp\)"):
+        check_launcher("fsdp", {})
+    with pytest.raises(ConfigError, match="hardware=deepspeed_zero2"):
+        check_launcher("deepspeed", {"ACCELERATE_USE_FSDP": "true"})
+    check_launcher("fsdp", {"ACCELERATE_USE_FSDP": "true"})
+    check_launcher("ddp", {})
+
+
+def test_several_processes_need_one_explicit_run_dir():
+    with pytest.raises(ConfigError, match="add hydra.run.dir=outputs/<name>"):
+        check_shared_run_dir(2, ["hydra.job.chdir=false"], None)
+    check_shared_run_dir(2, ["hydra.run.dir=outputs/x"], None)
+    check_shared_run_dir(2, [], "outputs/x")  # resume pins the dir
+    check_shared_run_dir(1, [], None)
+
+
+def test_slurm_launcher_preset_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    cfg = compose_config(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], hydra=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.partition == "gpu" and launcher.tasks_per_node == 1 and launcher.signal_delay_s == 120
+
+
+# --------------------------------------------------------------------------- 2 processes, gloo
+
+# cpo_alpha=0: the NLL term is a token-weighted mean, which each process takes over its own half
+# of the batch, so only the pair-averaged terms are identical between 1 and 2 processes. A small
+# learning rate keeps Adam's sign-like first steps from amplifying float rounding differences.
+# save_steps=3 with logging_steps=2: the step-3 checkpoint holds a half-filled metric window.
+EQUAL_BATCH = ["cpo_alpha=0", "train.learning_rate=1e-5", "train.max_steps=6", "train.logging_steps=2",
+               "train.eval_steps=2", "train.save_steps=3", "data.max_eval_samples=16", "train.save_model=false"]
+
+
+def accelerate_launch_2(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--main_process_port", "0", "-m", "cpo_exp", *args], cwd=cwd, env=env, capture_output=True, text=True,
+        timeout=600)
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(workdir):
+    """Also across a resume: the 2-process run loses its last checkpoint and continues from step 3."""
+    import shutil
+
+    two = accelerate_launch_2("hardware=ddp", "hardware.cpu=true", "hardware.mixed_precision=no",
+                              "train.per_device_train_batch_size=4", "train.per_device_eval_batch_size=4",
+                              *EQUAL_BATCH, "hydra.run.dir=outputs/two", cwd=workdir)
+    assert two.returncode == 0, two.stderr[-3000:]
+    shutil.rmtree(workdir / "outputs" / "two" / "checkpoints" / "step-6")
+    resumed = accelerate_launch_2(f"resume={workdir / 'outputs' / 'two'}", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr and "step-3 at step 3" in resumed.stderr
+    one = run_cli(*EQUAL_BATCH, "hydra.run.dir=outputs/one", cwd=workdir)
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = {Path(r.data.tags["output_dir"]).name: r
+            for r in client.search_runs([client.get_experiment_by_name("cpo_exp").experiment_id])}
+    assert sorted(runs) == ["one", "two"]  # rank 1 never opened a run
+    for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+                 "eval_loss", "eval_rewards/margins", "eval_logps/chosen"):
+        got = {m.step: m.value for m in sorted(client.get_metric_history(runs["two"].info.run_id, name),
+                                               key=lambda m: m.timestamp)}  # the resumed values last
+        expected = {m.step: m.value for m in client.get_metric_history(runs["one"].info.run_id, name)}
+        assert sorted(got) == sorted(expected) and got == pytest.approx(expected, rel=2e-3, abs=2e-3), name
+    run_dir = workdir / "outputs" / "two"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    assert sorted(p.name for p in (run_dir / "checkpoints" / "step-6").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"]
+    assert not list(workdir.glob("outputs/2*"))  # no per-process timestamped dirs
+
+
+# --------------------------------------------------------------------------- PEFT and MoE
+
+
+def test_lora_trains_adapters_only_and_saves_the_adapter(workdir):
+    pytest.importorskip("peft")
+    result = run_cli("model.peft=lora", "model.lora_r=4", "train.max_steps=2", "train.logging_steps=1",
+                     "data.max_eval_samples=8", "hydra.run.dir=outputs/lora", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = workdir / "outputs" / "lora" / "model"
+    assert (saved / "adapter_config.json").is_file() and (saved / "adapter_model.safetensors").is_file()
+    assert not (saved / "model.safetensors").exists()
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    run = client.search_runs([client.get_experiment_by_name("cpo_exp").experiment_id])[0]
+    trainable, total = int(run.data.params["model.trainable_parameters"]), int(run.data.params["model.num_parameters"])
+    assert 0 < trainable < total / 10
+
+
+def tiny_moe(tmp_path: Path) -> Path:
+    """A 2-layer Qwen2-MoE with 4 experts and router logits on, next to the embedded tokenizer."""
+    import shutil
+
+    from transformers import Qwen2MoeConfig
+
+    from cpo_exp.assets import locate
+
+    folder = tmp_path / "tiny_moe"
+    Qwen2MoeConfig(vocab_size=929, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                   shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, output_router_logits=True,
+                   router_aux_loss_coef=0.5, bos_token_id=0, eos_token_id=1, pad_token_id=2).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(locate("pkg://cpo_exp/assets/tiny_qwen2")) / name, folder / name)
+    return folder
+
+
+def test_moe_router_loss_is_added_with_its_coefficient_and_logged(tmp_path, toy_rows):
+    import datasets
+    import torch
+
+    from cpo_exp.config import ModelConfig
+    from cpo_exp.data import PreferenceCollator, SequenceLengths, tokenize_dataset
+    from cpo_exp.engine import pair_loss, router_aux_loss_coef
+    from cpo_exp.losses import LossSpec
+    from cpo_exp.models import load_model, load_tokenizer
+
+    cfg = ModelConfig(name_or_path=str(tiny_moe(tmp_path)), random_init=True)
+    tokenizer = load_tokenizer(cfg)
+    torch.manual_seed(0)
+    model = load_model(cfg, tokenizer)
+    assert router_aux_loss_coef(model) == 0.5
+    rows = tokenize_dataset(datasets.Dataset.from_list(toy_rows), tokenizer, SequenceLengths(128, 64, None, "keep_end"),
+                            "train", "error", None)
+    batch = PreferenceCollator(tokenizer.pad_token_id)([rows[i] for i in range(len(rows))])
+    spec = LossSpec("sigmoid", beta=0.1, cpo_alpha=1.0)
+    with_aux, metrics = pair_loss(model, batch, spec, 0.5)
+    without, plain = pair_loss(model, batch, spec, 0.0)
+    assert metrics["aux_loss"] > 0 and "aux_loss" not in plain
+    assert with_aux.item() == pytest.approx(without.item() + 0.5 * metrics["aux_loss"].item(), rel=1e-6)
+    with_aux.backward()  # the router is trained through the aux term
+    router_grads = [p.grad for n, p in model.named_parameters() if "gate.weight" in n and "shared" not in n]
+    assert router_grads and all(g is not None and g.abs().sum() > 0 for g in router_grads)
