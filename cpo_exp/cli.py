@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from cpo_exp.config import Config, ConfigError, validate
 from cpo_exp.data import DataError, SequenceLengths, check_rows, load_splits, tokenize_dataset
-from cpo_exp.tracking import TrackingError, flatten, tracked_run
+from cpo_exp.sweep import SweepJob
+from cpo_exp.tracking import TrackingError, flatten, tracked_run, tracking_uri
 
 log = logging.getLogger("cpo_exp")
 
@@ -43,21 +44,10 @@ def run_name(overrides: list[str]) -> str:
 
 
 def run(dcfg: DictConfig) -> Optional[float]:
-    """One job: everything after composition. Returns the final eval loss (for sweepers)."""
+    """One job: everything after composition. Returns the objective's final eval value (for sweepers)."""
     hydra_cfg = HydraConfig.get()
     cfg: Config = OmegaConf.to_object(dcfg)
     cfg.output_dir = hydra_cfg.runtime.output_dir
-    validate(cfg)
-
-    import datasets
-    import transformers
-
-    from cpo_exp import engine, models
-
-    if not engine.show_progress(cfg.train):  # bars only clutter log files and CI output
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-
     overrides = list(hydra_cfg.overrides.task)
     tags = {f"choice/{k}": v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
     tags["output_dir"] = cfg.output_dir
@@ -65,7 +55,33 @@ def run(dcfg: DictConfig) -> Optional[float]:
         tags["sweep_dir"] = hydra_cfg.sweep.dir
         tags["job_num"] = hydra_cfg.job.num
     name = cfg.tracking.run_name or run_name(overrides)
-    with tracked_run(cfg.tracking, hydra_cfg.runtime.cwd, name, tags) as tracker:
+    job = SweepJob.current()
+    if job is not None:
+        tags.update(job.tags)
+    try:
+        validate(cfg)
+        if job is not None:
+            job.check()
+    except ConfigError as err:
+        if job is not None:  # the sweep's report must show the rejected job
+            job.record_rejected(cfg.tracking, hydra_cfg.runtime.cwd, name, tags, err)
+        raise
+
+    import datasets
+    import torch
+    import transformers
+
+    from cpo_exp import engine, models
+
+    if not engine.show_progress(cfg.train):  # bars only clutter log files and CI output
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+    if cfg.hardware.num_threads is not None:
+        torch.set_num_threads(cfg.hardware.num_threads)
+
+    parent = job.parent_run_id(tracking_uri(cfg.tracking, hydra_cfg.runtime.cwd),
+                               cfg.tracking.experiment_name) if job is not None else None
+    with tracked_run(cfg.tracking, hydra_cfg.runtime.cwd, name, tags, parent) as tracker:
         resolved = OmegaConf.to_container(dcfg, resolve=True)
         resolved["output_dir"] = cfg.output_dir
         tracker.log_params(flatten(resolved))
@@ -92,7 +108,8 @@ def run(dcfg: DictConfig) -> Optional[float]:
 
         transformers.set_seed(cfg.train.seed)
         model = models.load_model(cfg.model, tokenizer)
-        tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters())})
+        tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters()),
+                            "hardware.torch_threads": torch.get_num_threads()})
         result = engine.train(
             model, tokenizer, tokenized["train"], tokenized.get("eval"), cfg.loss_spec(), cfg.train,
             cfg.hardware, cfg.output_dir, tracker.log_metrics,
@@ -103,7 +120,10 @@ def run(dcfg: DictConfig) -> Optional[float]:
         log_file = Path(cfg.output_dir) / f"{hydra_cfg.job.name}.log"
         if log_file.is_file():
             tracker.log_artifact(str(log_file))
-    return result.eval_metrics.get("eval_loss")
+    objective = result.eval_metrics.get(cfg.objective.metric)
+    if objective is None:
+        log.warning("no eval split, so no objective %s to return to the sweeper", cfg.objective.metric)
+    return objective
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from cpo_exp.losses import LOSS_TYPES, NO_LABEL_SMOOTHING, LossSpec
+from cpo_exp.metrics import EVAL_PREFIX, PAIR_METRICS
 
 
 class ConfigError(ValueError):
@@ -97,6 +98,9 @@ class HardwareConfig:
 
     mixed_precision: str = "no"
     cpu: bool = False
+    # torch intra-op threads; null keeps torch's default (all cores, or cores // n_jobs inside
+    # the workers of the joblib launcher, which sets OMP_NUM_THREADS for them).
+    num_threads: Optional[int] = None
 
 
 @dataclass
@@ -109,6 +113,14 @@ class TrackingConfig:
     experiment_name: str = "cpo_exp"
     # null: named from the command-line overrides (e.g. "loss=simpo,cpo_alpha=0")
     run_name: Optional[str] = None
+
+
+@dataclass
+class ObjectiveConfig:
+    """What a sweep optimises: the final value of one eval metric, returned by each job."""
+
+    metric: str = "eval_rewards/accuracies"
+    direction: str = "maximize"
 
 
 @dataclass
@@ -130,6 +142,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     # Where the model and logs of this run go; the CLI sets it to Hydra's run directory.
     output_dir: str = "outputs/run"
 
@@ -155,6 +168,7 @@ _SCHEDULERS = (
 )
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _PRECISIONS = ("no", "fp16", "bf16")
+OBJECTIVE_METRICS = tuple(EVAL_PREFIX + name for name in PAIR_METRICS)
 
 
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -223,4 +237,9 @@ def validate(cfg: Config) -> None:
         _require(t.eval_steps > 0, "train.eval_steps", "must be > 0 or null", t.eval_steps)
 
     _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
+    if cfg.hardware.num_threads is not None:
+        _require(cfg.hardware.num_threads > 0, "hardware.num_threads", "must be > 0 or null",
+                 cfg.hardware.num_threads)
+    _one_of("objective.metric", cfg.objective.metric, OBJECTIVE_METRICS)
+    _one_of("objective.direction", cfg.objective.direction, ("maximize", "minimize"))
     _one_of("tracking.backend", cfg.tracking.backend, ("mlflow", "none"))

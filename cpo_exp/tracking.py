@@ -113,11 +113,13 @@ class MlflowTracker(Tracker):
 
 @contextlib.contextmanager
 def tracked_run(
-    cfg: TrackingConfig, launch_dir: str, run_name: str, tags: Optional[Mapping[str, Any]] = None
+    cfg: TrackingConfig, launch_dir: str, run_name: str, tags: Optional[Mapping[str, Any]] = None,
+    parent_run_id: Optional[str] = None,
 ) -> Iterator[Tracker]:
     """Open one run for the block: FINISHED on success, FAILED on an exception, KILLED on Ctrl-C.
 
     The run is always ended, so a crashed job never leaks into the next job of a multirun.
+    ``parent_run_id`` nests it under a sweep's parent run (see :mod:`cpo_exp.sweep`).
     """
     if cfg.backend == "none":
         yield Tracker()
@@ -132,7 +134,10 @@ def tracked_run(
     except Exception as err:  # noqa: BLE001 - any store failure is reported with the URI
         raise TrackingError(f"cannot open MLflow experiment {cfg.experiment_name!r} at {uri}: {err}") from err
     log.info("MLflow: %s (experiment %r)", uri, cfg.experiment_name)
-    with mlflow.start_run(run_name=run_name, experiment_id=experiment.experiment_id, tags=dict(tags or {})) as run:
+    # Tag values as strings: a REST store (mlflow server) rejects anything else, e.g. an int job_num.
+    str_tags = {k: str(v) for k, v in (tags or {}).items()}
+    with mlflow.start_run(run_name=run_name, experiment_id=experiment.experiment_id, tags=str_tags,
+                          parent_run_id=parent_run_id) as run:
         try:
             yield MlflowTracker(run.info.run_id)
         except BaseException as err:
