@@ -123,7 +123,7 @@ class SweepCallback(Callback):
         experiment = client.get_experiment_by_name(tracking.experiment_name)
         experiment_id = (experiment.experiment_id if experiment is not None
                          else client.create_experiment(tracking.experiment_name))
-        name = "sweep:" + (",".join(record.overrides) or "default")
+        name = "sweep: " + (" ".join(record.overrides) or "default")
         run = client.create_run(experiment_id, run_name=name[:250],
                                 tags={"sweep_dir": record.sweep_dir, "sweep_role": "parent"})
         run_id = run.info.run_id
