@@ -305,3 +305,25 @@ def test_parallel_sweep_against_a_tracking_server(workdir, mlflow_server):
     assert all(r.info.status == "FINISHED" and "eval_loss" in r.data.metrics for r in children)
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md"}
     assert SweepRecord.read(_sweep_dir(workdir)).tracking_uri == mlflow_server
+
+
+def test_report_of_a_sweep_still_running_shows_what_exists(tmp_path):
+    """A parent still RUNNING with one finished job and one that has not evaluated yet."""
+    from cpo_exp.report import write_report
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("cpo_exp")
+    parent = client.create_run(experiment, run_name="sweep: beta=1,2", tags={"sweep_role": "parent"}).info.run_id
+    client.log_param(parent, "objective.metric", "eval_rewards/accuracies")
+    for num, beta in enumerate(("1", "2")):
+        child = client.create_run(experiment, run_name=f"beta={beta}", tags={
+            "mlflow.parentRunId": parent, "job_num": str(num), "overrides": json.dumps([f"beta={beta}", "x=1"])})
+        if num == 0:
+            for step, value in ((0, 0.5), (10, 0.75)):
+                client.log_metric(child.info.run_id, "eval_rewards/accuracies", value, step=step)
+            client.set_terminated(child.info.run_id, "FINISHED")
+    paths = write_report(client, parent, tmp_path / "report")
+    _assert_valid_report(tmp_path / "report", jobs=2)
+    table = paths[0].read_text()
+    assert "| 0 | 1 | FINISHED |" in table and "| 1 | 2 | RUNNING |" in table and "sweep running" in table
+    assert "| x |" not in table.splitlines()[0]  # only swept values get a column
