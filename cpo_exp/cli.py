@@ -24,7 +24,8 @@ from cpo_exp import checkpoint, interrupts
 from cpo_exp.checkpoint import CheckpointError
 from cpo_exp.config import Config, ConfigError, validate
 from cpo_exp.data import DataError, PreparedSplit, SequenceLengths, prepare_data, summarize
-from cpo_exp.tracking import TrackingError, flatten, redact, tracked_run
+from cpo_exp.sweep import SweepJob
+from cpo_exp.tracking import TrackingError, flatten, redact, tracked_run, tracking_uri
 
 log = logging.getLogger("cpo_exp")
 
@@ -103,7 +104,7 @@ def check_launcher(distributed: str, env: dict) -> None:
 
 
 def run(dcfg: DictConfig) -> Optional[float]:
-    """One job: everything after composition. Returns the final eval loss (for sweepers)."""
+    """One job: everything after composition. Returns the objective's final eval value (for sweepers)."""
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     # Set by accelerate launch and torchrun; only the first process talks to MLflow.
@@ -117,15 +118,6 @@ def run(dcfg: DictConfig) -> Optional[float]:
         dcfg = resumed_config(dcfg, point, overrides)
     cfg: Config = OmegaConf.to_object(dcfg)
     cfg.output_dir = hydra_cfg.runtime.output_dir
-    validate(cfg)
-    check_launcher(cfg.hardware.distributed, dict(os.environ))
-    checkpoint.check_writable(cfg.output_dir)
-
-    import transformers
-
-    from cpo_exp import engine, models
-
-    quiet_progress_bars(cfg)
 
     tags = {f"choice/{k}": v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
     tags["output_dir"] = cfg.output_dir
@@ -133,13 +125,38 @@ def run(dcfg: DictConfig) -> Optional[float]:
         tags["sweep_dir"] = hydra_cfg.sweep.dir
         tags["job_num"] = hydra_cfg.job.num
     name = cfg.tracking.run_name or run_name(redact(overrides))
+    job = SweepJob.current()
+    if job is not None:
+        tags.update(job.tags)
+    try:
+        validate(cfg)
+        if job is not None:
+            job.check()
+    except ConfigError as err:
+        if job is not None:  # the sweep's report must show the rejected job
+            job.record_rejected(cfg.tracking, hydra_cfg.runtime.cwd, name, tags, err)
+        raise
+    check_launcher(cfg.hardware.distributed, dict(os.environ))
+    checkpoint.check_writable(cfg.output_dir)
+
+    import torch
+    import transformers
+
+    from cpo_exp import engine, models
+
+    quiet_progress_bars(cfg)
+    if cfg.hardware.num_threads is not None:
+        torch.set_num_threads(cfg.hardware.num_threads)
+
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     resolved["output_dir"] = cfg.output_dir
     # Secrets stay out of MLflow and out of the files written next to checkpoints.
     public = redact(resolved)
     tracking = cfg.tracking if rank == 0 else dataclasses.replace(cfg.tracking, backend="none")
-    with tracked_run(tracking, hydra_cfg.runtime.cwd, name, tags,
-                     run_id=point.mlflow_run_id if point else None, spill_dir=cfg.output_dir) as tracker:
+    parent = (job.parent_run_id(tracking_uri(cfg.tracking, hydra_cfg.runtime.cwd), cfg.tracking.experiment_name)
+              if job is not None and rank == 0 else None)
+    with tracked_run(tracking, hydra_cfg.runtime.cwd, name, tags, run_id=point.mlflow_run_id if point else None,
+                     spill_dir=cfg.output_dir, parent_run_id=parent) as tracker:
         if point is None and rank == 0:
             tracker.log_params(flatten(public))
             resolved_path = Path(cfg.output_dir) / "resolved_config.yaml"
@@ -159,7 +176,8 @@ def run(dcfg: DictConfig) -> Optional[float]:
         model = models.load_model(cfg.model, tokenizer)
         tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters()),
                             "model.trainable_parameters": sum(p.numel() for p in model.parameters()
-                                                              if p.requires_grad)})
+                                                              if p.requires_grad),
+                            "hardware.torch_threads": torch.get_num_threads()})
         checkpointer = checkpoint.Checkpointer(cfg.output_dir, cfg.train.save_steps, cfg.train.save_total_limit,
                                                flatten(public), tracker.run_id, point)
         with interrupts.graceful_stop():
@@ -175,7 +193,10 @@ def run(dcfg: DictConfig) -> Optional[float]:
         log_file = Path(cfg.output_dir) / f"{hydra_cfg.job.name}.log"
         if log_file.is_file():
             tracker.log_artifact(str(log_file))
-    return result.eval_metrics.get("eval_loss")
+    objective = result.eval_metrics.get(cfg.objective.metric)
+    if objective is None:
+        log.warning("no eval split, so no objective %s to return to the sweeper", cfg.objective.metric)
+    return objective
 
 
 def quiet_progress_bars(cfg: Config) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from cpo_exp.losses import LOSS_TYPES, NO_LABEL_SMOOTHING, LossSpec
+from cpo_exp.metrics import EVAL_PREFIX, PAIR_METRICS
 
 
 class ConfigError(ValueError):
@@ -140,6 +141,9 @@ class HardwareConfig:
     # "ddp", "fsdp", "deepspeed": the strategy the launcher must set up (accelerate launch with the
     # matching cpo_exp/launch/*.yaml); checked at start so a forgotten launcher fails before training.
     distributed: str = "no"
+    # torch intra-op threads; null keeps torch's default (all cores, or cores // n_jobs inside
+    # the workers of the joblib launcher, which sets OMP_NUM_THREADS for them).
+    num_threads: Optional[int] = None
 
 
 @dataclass
@@ -155,6 +159,14 @@ class TrackingConfig:
     # A tracking server that goes away mid-run: training goes on, metrics are buffered, and the
     # end of the run waits this long for the server before giving up (unsent metrics stay on disk).
     reconnect_timeout_s: float = 300.0
+
+
+@dataclass
+class ObjectiveConfig:
+    """What a sweep optimises: the final value of one eval metric, returned by each job."""
+
+    metric: str = "eval_rewards/accuracies"
+    direction: str = "maximize"
 
 
 @dataclass
@@ -177,6 +189,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     # Where the model and logs of this run go; the CLI sets it to Hydra's run directory.
     output_dir: str = "outputs/run"
     # A run directory to continue from its newest checkpoint, with the config stored there.
@@ -204,6 +217,7 @@ _SCHEDULERS = (
 )
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _PRECISIONS = ("no", "fp16", "bf16")
+OBJECTIVE_METRICS = tuple(EVAL_PREFIX + name for name in PAIR_METRICS)
 
 
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:
@@ -302,4 +316,11 @@ def validate(cfg: Config) -> None:
 
     _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
     _one_of("hardware.distributed", cfg.hardware.distributed, ("no", "ddp", "fsdp", "deepspeed"))
+    if cfg.hardware.num_threads is not None:
+        _require(cfg.hardware.num_threads > 0, "hardware.num_threads", "must be > 0 or null",
+                 cfg.hardware.num_threads)
+    # Generation scores can be the objective too, when they are computed.
+    generated = tuple(f"eval_gen/{name}" for name in e.scorers) if e.generate else ()
+    _one_of("objective.metric", cfg.objective.metric, OBJECTIVE_METRICS + generated)
+    _one_of("objective.direction", cfg.objective.direction, ("maximize", "minimize"))
     _one_of("tracking.backend", cfg.tracking.backend, ("mlflow", "none"))

@@ -239,12 +239,13 @@ class ServerTracker(MlflowTracker):
 @contextlib.contextmanager
 def tracked_run(
     cfg: TrackingConfig, launch_dir: str, run_name: str, tags: Optional[Mapping[str, Any]] = None,
-    run_id: Optional[str] = None, spill_dir: Optional[str] = None,
+    run_id: Optional[str] = None, spill_dir: Optional[str] = None, parent_run_id: Optional[str] = None,
 ) -> Iterator[Tracker]:
     """Open one run for the block: FINISHED on success, FAILED on an exception, KILLED on a signal.
 
     ``run_id`` reopens an existing run (a resumed training continues its metrics there). The run
     is always ended, so a crashed job never leaks into the next job of a multirun.
+    ``parent_run_id`` nests a new run under a sweep's parent run (see :mod:`cpo_exp.sweep`).
     """
     if cfg.backend == "none":
         yield Tracker()
@@ -265,14 +266,17 @@ def tracked_run(
     except Exception as err:  # noqa: BLE001 - any store failure is reported with the URI
         raise TrackingError(f"cannot open MLflow experiment {cfg.experiment_name!r} at {uri}: {err}") from err
     log.info("MLflow: %s (experiment %r)", uri, cfg.experiment_name)
+    # Tag values as strings: a REST store (mlflow server) rejects anything else, e.g. an int job_num.
+    str_tags = {k: str(v) for k, v in (tags or {}).items()}
     if run_id is not None:
         try:
             mlflow.get_run(run_id)
         except Exception as err:  # noqa: BLE001 - a missing run is reported with the store
             raise TrackingError(f"MLflow run {run_id} of the checkpoint is not in {uri}: {err}") from None
-        started = mlflow.start_run(run_id=run_id, tags=dict(tags or {}))
+        started = mlflow.start_run(run_id=run_id, tags=str_tags)
     else:
-        started = mlflow.start_run(run_name=run_name, experiment_id=experiment.experiment_id, tags=dict(tags or {}))
+        started = mlflow.start_run(run_name=run_name, experiment_id=experiment.experiment_id, tags=str_tags,
+                                   parent_run_id=parent_run_id)
     with started as run:
         spill = Path(spill_dir) / "unsent_metrics.jsonl" if spill_dir else None
         tracker = ServerTracker(run.info.run_id, spill, cfg.reconnect_timeout_s) if remote else MlflowTracker(

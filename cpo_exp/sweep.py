@@ -1,0 +1,311 @@
+"""Sweeps: one parent MLflow run per Hydra multirun, every job a child run of it.
+
+Hydra calls :class:`SweepCallback` (registered under ``hydra.callbacks`` in ``conf/config.yaml``)
+in the launching process before the first job starts and after the last one returns. It
+
+- creates the MLflow database and experiment once, before any job exists, so that parallel
+  jobs (``hydra/launcher=joblib``) never race to initialise a fresh SQLite file;
+- opens the parent run, which carries the sweep definition (the command-line overrides, the
+  sweeper and launcher settings, the objective) as params and a ``sweep.yaml`` artifact;
+- writes ``<sweep dir>/sweep.json`` (:class:`SweepRecord`): how every job, in this process or in
+  a joblib worker, finds its parent, and how ``python -m cpo_exp.report`` finds the sweep;
+- ends the parent in ``on_multirun_end`` with the best job by the objective recorded on it.
+
+Status of the parent: it says what the command said. FINISHED when Hydra completes the sweep
+(exit code 0; with Optuna's ``max_failure_rate`` that may include tolerated failed trials, counted
+in the ``failed_jobs`` tag); FAILED when the sweep is aborted, which is how Hydra ends a sweep
+with a failed job: the other jobs of the batch finish, then Hydra raises and exits non-zero
+without calling ``on_multirun_end``, so the parent is ended at process exit instead.
+
+Hydra turns any exception raised by a callback into a warning, so nothing here can stop a
+sweep; checks that must reject a job live in :class:`SweepJob`, which the entry point runs in
+each job before any compute.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from cpo_exp.config import ConfigError, TrackingConfig
+from cpo_exp.tracking import check_reachable, tracking_uri
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+_MAX_PARAM_CHARS = 6000
+
+
+@dataclass
+class SweepRecord:
+    """What the launching process tells the jobs and the report about the sweep."""
+
+    sweep_dir: str
+    overrides: list[str]
+    launcher: dict[str, Any]
+    sweeper: dict[str, Any]
+    objective: dict[str, Any] = field(default_factory=dict)
+    tracking_uri: Optional[str] = None
+    experiment_name: Optional[str] = None
+    parent_run_id: Optional[str] = None
+
+    def write(self) -> None:
+        path = Path(self.sweep_dir) / SWEEP_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, default=str))
+        tmp.replace(path)  # a job never reads a half-written file
+
+    @classmethod
+    def read(cls, sweep_dir: str | Path) -> Optional["SweepRecord"]:
+        path = Path(sweep_dir) / SWEEP_FILE
+        if not path.is_file():
+            return None
+        return cls(**json.loads(path.read_text()))
+
+
+def _container(node: Any) -> Any:
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+
+
+def _plugin_name(node: dict[str, Any]) -> str:
+    return str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+
+
+def _tracking_config(config: DictConfig) -> TrackingConfig:
+    node = config.get("tracking") or {}
+    return TrackingConfig(**{k: v for k, v in _container(node).items() if k in TrackingConfig.__dataclass_fields__})
+
+
+class SweepCallback(Callback):
+    """The parent MLflow run of a multirun; see the module docstring."""
+
+    def __init__(self, report: bool = True) -> None:
+        self.report = report
+        self.record: Optional[SweepRecord] = None
+        self._client = None
+        self._ended = False
+
+    # ---------------------------------------------------------------- start
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        hydra = config.hydra
+        record = SweepRecord(
+            sweep_dir=str(hydra.sweep.dir),
+            overrides=list(hydra.overrides.task),
+            launcher=_container(hydra.launcher),
+            sweeper=_container(hydra.sweeper),
+            objective=_container(config.get("objective") or {}),
+        )
+        tracking = _tracking_config(config)
+        if tracking.backend == "mlflow":
+            self._open_parent(record, tracking)
+        record.write()
+        self.record = record
+
+    def _open_parent(self, record: SweepRecord, tracking: TrackingConfig) -> None:
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri(tracking, os.getcwd())
+        check_reachable(uri)
+        client = MlflowClient(tracking_uri=uri)
+        # Created here, once: N workers opening a fresh SQLite file at once would each try to
+        # create its tables and the experiment.
+        experiment = client.get_experiment_by_name(tracking.experiment_name)
+        experiment_id = (experiment.experiment_id if experiment is not None
+                         else client.create_experiment(tracking.experiment_name))
+        name = "sweep: " + (" ".join(record.overrides) or "default")
+        run = client.create_run(experiment_id, run_name=name[:250],
+                                tags={"sweep_dir": record.sweep_dir, "sweep_role": "parent"})
+        run_id = run.info.run_id
+        client.set_tag(run_id, "sweep_id", run_id)
+        params = {
+            "sweep.overrides": " ".join(record.overrides),
+            "sweep.launcher": record.launcher.get("_target_", ""),
+            "sweep.sweeper": record.sweeper.get("_target_", ""),
+            **{f"sweep.params.{k}": v for k, v in (record.sweeper.get("params") or {}).items()},
+            **{f"objective.{k}": v for k, v in record.objective.items()},
+        }
+        for key in ("n_trials", "direction", "storage", "study_name"):
+            if key in record.sweeper:
+                params[f"sweep.{key}"] = record.sweeper[key]
+        if "n_jobs" in record.launcher:
+            params["sweep.launcher.n_jobs"] = record.launcher["n_jobs"]
+        client.log_batch(run_id, params=_params(params))
+        client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(
+            {"overrides": record.overrides, "launcher": record.launcher, "sweeper": record.sweeper,
+             "objective": record.objective})), "sweep.yaml")
+        record.tracking_uri, record.experiment_name, record.parent_run_id = uri, tracking.experiment_name, run_id
+        self._client = client
+        atexit.register(self._end, "FAILED")  # the sweep never reached on_multirun_end
+        log.info("MLflow parent run %s of sweep %s (%s)", run_id, record.sweep_dir, uri)
+
+    # ---------------------------------------------------------------- end
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._end("FINISHED")
+
+    def _end(self, status: str) -> None:
+        if self._ended or self.record is None or self._client is None:
+            return
+        self._ended = True
+        client, record, run_id = self._client, self.record, self.record.parent_run_id
+        try:
+            summarise_parent(client, record)
+        except Exception as err:  # noqa: BLE001 - the parent must be ended whatever happens
+            log.warning("sweep summary failed: %s: %s", type(err).__name__, err)
+        client.set_terminated(run_id, status=status)
+        log.info("MLflow parent run %s ended %s", run_id, status)
+        if self.report:  # after the end, so that the report states the sweep's final status
+            try:
+                from cpo_exp.report import write_report
+
+                paths = write_report(client, run_id, Path(record.sweep_dir))
+                log.info("sweep report: %s", paths[0])
+            except Exception as err:  # noqa: BLE001 - a plotting problem must not fail the sweep
+                log.warning("sweep report failed: %s: %s", type(err).__name__, err)
+
+
+def _params(params: dict[str, Any]):
+    from mlflow.entities import Param
+
+    return [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)[:_MAX_PARAM_CHARS])
+            for k, v in params.items()]
+
+
+def child_runs(client, parent_run_id: str) -> list:
+    """The job runs of a sweep, oldest first (all of them, however many pages)."""
+    parent = client.get_run(parent_run_id)
+    runs, token = [], None
+    while True:
+        page = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
+                                  order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def best_run(runs: list, metric: str, direction: str):
+    """The finished run with the best final ``metric``, or None."""
+    scored = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
+    if not scored:
+        return None
+    pick = max if direction == "maximize" else min
+    return pick(scored, key=lambda r: r.data.metrics[metric])
+
+
+def summarise_parent(client, record: SweepRecord) -> None:
+    """Job counts, the best job by the objective, and Optuna's own result, on the parent run."""
+    run_id = record.parent_run_id
+    runs = child_runs(client, run_id)
+    statuses = [r.info.status for r in runs]
+    client.set_tag(run_id, "jobs", len(runs))
+    client.set_tag(run_id, "failed_jobs", statuses.count("FAILED"))
+    metric = record.objective.get("metric")
+    best = best_run(runs, metric, record.objective.get("direction", "maximize")) if metric else None
+    if best is not None:
+        client.set_tag(run_id, "best_run_id", best.info.run_id)
+        client.set_tag(run_id, "best_run_name", best.info.run_name)
+        client.log_metric(run_id, "best/" + metric, best.data.metrics[metric])
+    optuna_result = Path(record.sweep_dir) / "optimization_results.yaml"
+    if optuna_result.is_file():
+        result = OmegaConf.to_container(OmegaConf.load(optuna_result))
+        client.log_artifact(run_id, str(optuna_result))
+        if "best_value" in result:
+            client.log_metric(run_id, "optuna/best_value", float(result["best_value"]))
+            client.log_batch(run_id, params=_params(
+                {f"optuna.best_params.{k}": v for k, v in result.get("best_params", {}).items()}))
+    multirun_yaml = Path(record.sweep_dir) / "multirun.yaml"
+    if multirun_yaml.is_file():
+        client.log_artifact(run_id, str(multirun_yaml))
+
+
+# -------------------------------------------------------------------- the job side
+
+
+@dataclass
+class SweepJob:
+    """One job of a multirun, as seen from inside it (any launcher, any process)."""
+
+    record: Optional[SweepRecord]
+    overrides: list[str]
+    num: int
+
+    @classmethod
+    def current(cls) -> Optional["SweepJob"]:
+        """The running job, or None outside a multirun."""
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return None
+        return cls(SweepRecord.read(hydra_cfg.sweep.dir), list(hydra_cfg.overrides.task), hydra_cfg.job.num)
+
+    @property
+    def tags(self) -> dict[str, Any]:
+        tags: dict[str, Any] = {"overrides": json.dumps(self.overrides)}
+        if self.record is not None and self.record.parent_run_id:
+            tags["sweep_id"] = self.record.parent_run_id
+        return tags
+
+    def parent_run_id(self, uri: str, experiment_name: str) -> Optional[str]:
+        """The parent, when this job logs to the parent's store and experiment."""
+        r = self.record
+        if r is None or not r.parent_run_id or (uri, experiment_name) != (r.tracking_uri, r.experiment_name):
+            return None
+        return r.parent_run_id
+
+    def check(self) -> None:
+        """Reject a launcher or sweeper that this job's config sets but the sweep does not run.
+
+        Hydra picks the launcher and the sweeper once, from the config composed without the swept
+        overrides. A swept value that selects or configures one (``-m experiment=a,b`` where ``a``
+        sets ``hydra/launcher``) lands in the job's config and is silently ignored.
+        """
+        if self.record is None:
+            return
+        hydra_cfg = HydraConfig.get()
+        for part, running in (("launcher", self.record.launcher), ("sweeper", self.record.sweeper)):
+            composed = _container(hydra_cfg[part])
+            if composed == running:
+                continue
+            if composed.get("_target_") != running.get("_target_"):
+                asked, runs = _plugin_name(composed), _plugin_name(running)
+            else:
+                keys = sorted(k for k in set(composed) | set(running) if composed.get(k) != running.get(k))
+                asked = ", ".join(f"{k}={composed.get(k)!r}" for k in keys)
+                runs = ", ".join(f"{k}={running.get(k)!r}" for k in keys)
+            raise ConfigError(
+                f"job {self.num} ({' '.join(self.overrides)}) sets hydra.{part} to {asked}, but this sweep "
+                f"runs with {runs}. Hydra picks the {part} once, before it applies the swept overrides, so "
+                f"the setting would be silently ignored: choose the {part} on the command line (e.g. "
+                f"hydra/{part}=... hydra.{part}.<key>=...) or in a preset that is not swept."
+            )
+
+    def record_rejected(self, tracking: TrackingConfig, launch_dir: str, name: str, tags: dict[str, Any],
+                        err: BaseException) -> None:
+        """A FAILED child run for a job rejected before its run opened, so the sweep shows it."""
+        if tracking.backend != "mlflow":
+            return
+        from mlflow.tracking import MlflowClient
+
+        uri = tracking_uri(tracking, launch_dir)
+        parent = self.parent_run_id(uri, tracking.experiment_name)
+        if parent is None:
+            return
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = client.get_run(parent).info.experiment_id
+        run = client.create_run(experiment_id, run_name=name, tags={
+            **{k: str(v) for k, v in tags.items()}, "mlflow.parentRunId": parent,
+            "error": f"{type(err).__name__}: {err}"[:5000]})
+        client.set_terminated(run.info.run_id, status="FAILED", end_time=int(time.time() * 1000))

@@ -1,0 +1,329 @@
+"""Sweeps: presets that compose, real multiruns (sequential, joblib, Optuna, against a server),
+a parent MLflow run per sweep, failures that do not take the sweep down, and the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import joblib
+import pytest
+import requests
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
+from PIL import Image
+
+from conftest import QUICK, run_cli
+
+from cpo_exp.cli import config_dir
+from cpo_exp.config import Config, validate
+from cpo_exp.report import REPORT_FILES
+from cpo_exp.report import main as report_main
+from cpo_exp.sweep import SweepRecord
+
+QUICK_SWEEP = [*QUICK, "train.save_model=false"]
+CONF = Path(config_dir())
+
+
+# ------------------------------------------------------------------ presets compose
+
+
+def _compose(overrides: list[str], hydra: bool = False):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
+
+
+def _typed(overrides: list[str]) -> Config:
+    cfg: Config = OmegaConf.to_object(_compose(overrides))
+    validate(cfg)
+    return cfg
+
+
+def _presets(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("name", _presets("experiment"))
+def test_every_experiment_composes_and_validates(name):
+    cfg = _typed([f"experiment={name}"])
+    assert cfg.loss.name in ("sigmoid", "simpo")
+
+
+def test_recipes_carry_the_published_loss_settings():
+    cpo, simpo, cpo_simpo = (_typed([f"experiment={n}"]) for n in ("cpo_alma_r", "simpo_paper", "cpo_simpo"))
+    assert (cpo.loss.name, cpo.beta, cpo.cpo_alpha) == ("sigmoid", 0.1, 1.0)
+    assert (simpo.loss.name, simpo.beta, simpo.simpo_gamma, simpo.cpo_alpha) == ("simpo", 2.5, 1.4, 0.0)
+    assert (cpo_simpo.loss.name, cpo_simpo.beta, cpo_simpo.simpo_gamma, cpo_simpo.cpo_alpha) == (
+        "simpo", 10.0, 5.4, 0.05)
+    # The schedule stays the model's: a recipe overrides only the loss.
+    assert simpo.train == _typed([]).train
+
+
+@pytest.mark.parametrize("name", _presets("sweep"))
+def test_every_sweep_preset_is_a_multirun_whose_jobs_all_compose(name):
+    cfg = _compose([f"sweep={name}"], hydra=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert params
+    import itertools
+
+    grid = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
+    for job in itertools.product(*grid):
+        _typed([f"sweep={name}", *job])
+
+
+@pytest.mark.parametrize("name", _presets("hparams_search"))
+def test_every_hparams_search_preset_composes_with_its_direction_from_the_objective(name):
+    cfg = _compose([f"hparams_search={name}", "objective.direction=minimize"], hydra=True)
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
+    assert cfg.hydra.sweeper.direction == "minimize"
+    assert cfg.hydra.sweeper.params
+    _typed([f"hparams_search={name}"])
+
+
+def test_an_unknown_objective_metric_is_named():
+    from cpo_exp.config import ConfigError
+
+    with pytest.raises(ConfigError, match="objective.metric must be one of"):
+        _typed(["objective.metric=eval_bleu"])
+
+
+# ------------------------------------------------------------------ real multiruns
+
+
+def _store(workdir: Path) -> MlflowClient:
+    return MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+def _sweep_dir(workdir: Path) -> Path:
+    (found,) = workdir.glob("outputs/multirun/*/*")
+    return found
+
+
+def _parent_and_children(client: MlflowClient, experiment: str = "cpo_exp"):
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    parent = parents[0]
+    children = [r for r in runs if r is not parent]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in children)
+    assert all(r.data.tags["sweep_id"] == parent.info.run_id for r in children)
+    return parent, children
+
+
+def _assert_valid_report(sweep_dir: Path, jobs: int) -> None:
+    for name in REPORT_FILES:
+        assert (sweep_dir / name).is_file(), name
+    for png in ("eval_curves.png", "objective.png"):
+        with Image.open(sweep_dir / png) as image:
+            image.verify()
+            assert image.format == "PNG" and image.size[0] > 200
+    rows = (sweep_dir / "report.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + jobs
+
+
+@pytest.mark.slow
+def test_grid_sweep_makes_one_parent_run_with_a_child_per_job(workdir):
+    result = run_cli("-m", "loss=sigmoid,simpo", "beta=0.1,2.0", *QUICK_SWEEP, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client = _store(workdir)
+    parent, children = _parent_and_children(client)
+    assert parent.info.status == "FINISHED" and len(children) == 4
+    assert all(r.info.status == "FINISHED" for r in children)
+    # Hydra's sweeper normalises values (false -> False), hence the lower().
+    assert {r.info.run_name.lower() for r in children} == {
+        f"loss={loss},beta={beta},{','.join(QUICK_SWEEP)}" for loss in ("sigmoid", "simpo") for beta in ("0.1", "2.0")
+    }
+    assert {r.data.tags["job_num"] for r in children} == {"0", "1", "2", "3"}
+    assert {r.data.tags["sweep_dir"] for r in children} == {parent.data.tags["sweep_dir"]}
+    assert {r.data.tags["choice/loss"] for r in children} == {"sigmoid", "simpo"}
+    # The sweep definition and its outcome are on the parent.
+    assert parent.data.params["sweep.overrides"].startswith("loss=sigmoid,simpo beta=0.1,2.0")
+    assert parent.data.params["sweep.launcher"].endswith("BasicLauncher")
+    assert parent.data.params["objective.metric"] == "eval_rewards/accuracies"
+    assert parent.data.tags["jobs"] == "4" and parent.data.tags["failed_jobs"] == "0"
+    best = max(children, key=lambda r: r.data.metrics["eval_rewards/accuracies"])
+    assert parent.data.metrics["best/eval_rewards/accuracies"] == best.data.metrics["eval_rewards/accuracies"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"sweep.yaml", "multirun.yaml", "report"} <= artifacts
+    sweep_dir = _sweep_dir(workdir)
+    assert SweepRecord.read(sweep_dir).parent_run_id == parent.info.run_id
+    _assert_valid_report(sweep_dir, jobs=4)
+
+
+@pytest.mark.slow
+def test_parallel_jobs_on_a_fresh_sqlite_store_all_complete_sharing_the_cores(workdir, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the joblib launcher sizes its workers' pools
+    result = run_cli("-m", "loss=sigmoid,simpo", "beta=0.1,2.0", "hydra/launcher=joblib",
+                     "hydra.launcher.n_jobs=2", *QUICK_SWEEP, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = _parent_and_children(_store(workdir))
+    assert parent.info.status == "FINISHED" and parent.data.params["sweep.launcher.n_jobs"] == "2"
+    assert len(children) == 4 and all(r.info.status == "FINISHED" for r in children)
+    assert all("eval_rewards/accuracies" in r.data.metrics for r in children)
+    # Two jobs on N cores share them instead of each taking all N.
+    expected = max(1, joblib.cpu_count() // 2)
+    assert {r.data.params["hardware.torch_threads"] for r in children} == {str(expected)}
+
+
+@pytest.fixture(scope="module")
+def failed_sweep(tmp_path_factory):
+    """A sweep with one impossible job (beta=-1), run once for the tests below."""
+    workdir = tmp_path_factory.mktemp("failed_sweep")
+    result = run_cli("-m", "loss=simpo", "beta=2.0,-1", *QUICK_SWEEP, cwd=workdir)
+    return workdir, result
+
+
+@pytest.mark.slow
+def test_a_failing_job_does_not_take_the_sweep_down(failed_sweep):
+    workdir, result = failed_sweep
+    assert result.returncode != 0
+    assert "beta must be > 0" in result.stderr
+    parent, children = _parent_and_children(_store(workdir))
+    by_beta = {next(o for o in json.loads(r.data.tags["overrides"]) if o.startswith("beta=")): r for r in children}
+    assert by_beta["beta=2.0"].info.status == "FINISHED"
+    assert by_beta["beta=-1"].info.status == "FAILED"
+    assert "beta must be > 0" in by_beta["beta=-1"].data.tags["error"]
+    assert parent.info.status == "FAILED" and parent.data.tags["failed_jobs"] == "1"
+    report = (_sweep_dir(workdir) / "report.md").read_text()
+    assert "| FAILED |" in report and "beta must be > 0" in report and "sweep failed" in report
+
+
+@pytest.mark.slow
+def test_report_from_the_sweep_dir_or_the_parent_run_id(failed_sweep, tmp_path):
+    workdir, _ = failed_sweep
+    sweep_dir = _sweep_dir(workdir)
+    for name in REPORT_FILES:
+        (sweep_dir / name).unlink()
+    result = run_cli(str(sweep_dir), cwd=workdir, module="cpo_exp.report")
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_valid_report(sweep_dir, jobs=2)
+    assert "| FAILED |" in result.stdout and "| FINISHED |" in result.stdout
+
+    parent_id = SweepRecord.read(sweep_dir).parent_run_id
+    out = tmp_path / "elsewhere"
+    assert report_main([parent_id, "--tracking-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--out", str(out)]) == 0
+    _assert_valid_report(out, jobs=2)
+    client = _store(workdir)
+    logged = {a.path for a in client.list_artifacts(parent_id, "report")}
+    assert {f"report/{name}" for name in REPORT_FILES} <= logged
+
+
+@pytest.mark.slow
+def test_optuna_search_returns_the_objective_and_records_the_best_trial(workdir):
+    result = run_cli("hparams_search=optuna_simpo", "hydra.sweeper.n_trials=3", *QUICK_SWEEP, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent, children = _parent_and_children(_store(workdir))
+    assert parent.data.params["sweep.direction"] == "maximize"  # from objective.direction
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    values = [r.data.metrics["eval_rewards/accuracies"] for r in children]
+    assert parent.data.metrics["optuna/best_value"] == max(values)
+    assert {"optuna.best_params.beta", "optuna.best_params.simpo_gamma",
+            "optuna.best_params.train.learning_rate"} <= set(parent.data.params)
+    assert {r.data.tags["choice/loss"] for r in children} == {"simpo"}
+    assert (_sweep_dir(workdir) / "optimization_results.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_a_launcher_chosen_inside_a_swept_experiment_is_rejected(workdir):
+    extra = workdir / "extra_conf" / "experiment"
+    extra.mkdir(parents=True)
+    (extra / "parallel.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /hydra/launcher: joblib\n")
+    result = run_cli("-m", "experiment=parallel,cpo_alma_r", f"hydra.searchpath=[file://{extra.parent}]",
+                     *QUICK_SWEEP, cwd=workdir)
+    assert result.returncode != 0
+    assert "sets hydra.launcher to JoblibLauncher, but this sweep runs with BasicLauncher" in result.stderr
+    _, children = _parent_and_children(_store(workdir))
+    by_experiment = {r.data.tags["choice/experiment"]: r for r in children}
+    rejected = by_experiment["parallel"]
+    assert rejected.info.status == "FAILED" and "Hydra picks the launcher once" in rejected.data.tags["error"]
+    assert "resolved_config.yaml" not in {a.path for a in _store(workdir).list_artifacts(rejected.info.run_id)}
+    assert by_experiment["cpo_alma_r"].info.status == "FINISHED"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real ``mlflow server`` on 127.0.0.1, stopped after the test."""
+    port = _free_port()
+    root = tmp_path / "server"
+    root.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,  # its own process group: the server and the workers it spawns
+    )
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    try:
+        while True:
+            try:
+                if requests.get(uri + "/health", timeout=1).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {proc.stderr.read()[-2000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_parallel_sweep_against_a_tracking_server(workdir, mlflow_server):
+    result = run_cli("-m", "loss=simpo", "beta=0.1,2.0", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                     *QUICK_SWEEP, cwd=workdir, env={"MLFLOW_TRACKING_URI": mlflow_server})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (workdir / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=mlflow_server)
+    parent, children = _parent_and_children(client)
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    assert all(r.info.status == "FINISHED" and "eval_loss" in r.data.metrics for r in children)
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "report")} >= {"report/report.md"}
+    assert SweepRecord.read(_sweep_dir(workdir)).tracking_uri == mlflow_server
+
+
+def test_report_of_a_sweep_still_running_shows_what_exists(tmp_path):
+    """A parent still RUNNING with one finished job and one that has not evaluated yet."""
+    from cpo_exp.report import write_report
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("cpo_exp")
+    parent = client.create_run(experiment, run_name="sweep: beta=1,2", tags={"sweep_role": "parent"}).info.run_id
+    client.log_param(parent, "objective.metric", "eval_rewards/accuracies")
+    for num, beta in enumerate(("1", "2")):
+        child = client.create_run(experiment, run_name=f"beta={beta}", tags={
+            "mlflow.parentRunId": parent, "job_num": str(num), "overrides": json.dumps([f"beta={beta}", "x=1"])})
+        if num == 0:
+            for step, value in ((0, 0.5), (10, 0.75)):
+                client.log_metric(child.info.run_id, "eval_rewards/accuracies", value, step=step)
+            client.set_terminated(child.info.run_id, "FINISHED")
+    paths = write_report(client, parent, tmp_path / "report")
+    _assert_valid_report(tmp_path / "report", jobs=2)
+    table = paths[0].read_text()
+    assert "| 0 | 1 | FINISHED |" in table and "| 1 | 2 | RUNNING |" in table and "sweep running" in table
+    assert "| x |" not in table.splitlines()[0]  # only swept values get a column
