@@ -100,6 +100,23 @@ class HardwareConfig:
 
 
 @dataclass
+class EngineConfig:
+    """How the pair forward is computed. Every switch gives the plain path's loss, metrics and
+    gradients (to float32 rounding); only speed and memory change (see README, Performance).
+
+    ``logits``: ``full`` materialises ``[2B, T, V]`` logits as TRL does; ``chunked`` fuses the
+    head with the log-softmax over completion positions, ``logits_chunk_size`` rows at a time.
+    ``packing`` lays the batch out without padding (needs ``logits: chunked``);
+    ``shared_prompt`` computes each pair's common prefix once (needs ``packing``).
+    """
+
+    logits: str = "full"
+    logits_chunk_size: int = 512
+    packing: bool = False
+    shared_prompt: bool = False
+
+
+@dataclass
 class TrackingConfig:
     """Where metrics go. ``backend: none`` runs without MLflow."""
 
@@ -129,6 +146,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     # Where the model and logs of this run go; the CLI sets it to Hydra's run directory.
     output_dir: str = "outputs/run"
@@ -223,4 +241,11 @@ def validate(cfg: Config) -> None:
         _require(t.eval_steps > 0, "train.eval_steps", "must be > 0 or null", t.eval_steps)
 
     _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
+    e = cfg.engine
+    _one_of("engine.logits", e.logits, ("full", "chunked"))
+    _require(e.logits_chunk_size > 0, "engine.logits_chunk_size", "must be > 0", e.logits_chunk_size)
+    _require(not e.packing or e.logits == "chunked", "engine.packing",
+             "needs engine.logits=chunked (a packed batch is read from hidden states)", e.packing)
+    _require(not e.shared_prompt or e.packing, "engine.shared_prompt", "needs engine.packing=true",
+             e.shared_prompt)
     _one_of("tracking.backend", cfg.tracking.backend, ("mlflow", "none"))

@@ -25,8 +25,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from cpo_exp.config import HardwareConfig, TrainConfig
+from cpo_exp.config import EngineConfig, HardwareConfig, TrainConfig
 from cpo_exp.data import LABEL_PAD, PreferenceCollator
+from cpo_exp.logprobs import label_logps, mean_logit, mean_logit_direction
+from cpo_exp.packing import SEGMENT_ATTENTION, PackingCollator
 from cpo_exp.losses import LossSpec, preference_loss, total_loss
 from cpo_exp.metrics import EVAL_PREFIX, MetricWindow, pair_metrics
 from cpo_exp.models import disable_dropout
@@ -89,9 +91,88 @@ def forward_pair(model: torch.nn.Module, batch: dict[str, torch.Tensor], average
     )
 
 
-def pair_loss(model, batch, spec: LossSpec) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _body_and_head(model: torch.nn.Module):
+    """The decoder stack and the output projection of a causal LM, for the hidden-state paths."""
+    config = model.config
+    for key in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, key, None):
+            raise ValueError(f"engine.logits=chunked does not support models with {key} "
+                             f"({config.model_type}); use engine.logits=full")
+    head = model.get_output_embeddings()
+    return model.get_decoder(), head.weight, getattr(head, "bias", None)
+
+
+def _from_label_logps(per_label, seq, sequences, average, chosen_logits_mean, rejected_logits_mean):
+    """Per-sequence sums (or means), and TRL's NLL over the chosen half, from flat label log-probs."""
+    sums = per_label.new_zeros(sequences).index_add(0, seq, per_label)
+    counts = torch.bincount(seq, minlength=sequences)
+    half = sequences // 2
+    logps = sums / counts if average else sums
+    return PairOutput(
+        chosen_logps=logps[:half],
+        rejected_logps=logps[half:],
+        nll_loss=-sums[:half].sum() / counts[:half].sum(),
+        chosen_logits_mean=chosen_logits_mean,
+        rejected_logits_mean=rejected_logits_mean,
+    )
+
+
+def forward_pair_chunked(model, batch: dict[str, torch.Tensor], average: bool, chunk_size: int) -> PairOutput:
+    """:func:`forward_pair` on the padded batch, with the head fused into a chunked log-softmax.
+
+    Logits exist only for completion positions, ``chunk_size`` rows at a time; the
+    ``logits/*`` metrics (TRL's mean over the whole padded half) come from the hidden states.
+    """
+    body, weight, bias = _body_and_head(model)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  use_cache=False).last_hidden_state
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    mask = labels != LABEL_PAD
+    per_label = label_logps(hidden[:, :-1][mask], weight, labels[mask], bias, chunk_size)
+    half = hidden.shape[0] // 2
+    direction = mean_logit_direction(weight, bias)
+    return _from_label_logps(per_label, mask.nonzero()[:, 0], hidden.shape[0], average,
+                             mean_logit(hidden[:half], direction), mean_logit(hidden[half:], direction))
+
+
+def forward_pair_packed(model, batch: dict, average: bool, chunk_size: int) -> PairOutput:
+    """:func:`forward_pair` on a padding-free batch from :class:`~cpo_exp.packing.PackingCollator`.
+
+    ``logits/*`` here is the mean over the real tokens of each half (a packed batch has no
+    padding positions, which TRL's figure includes; see README, Performance).
+    """
+    body, weight, bias = _body_and_head(model)
+    hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                  cpo_segments=batch["segments"]).last_hidden_state[0]
+    per_label = label_logps(hidden[batch["pred_index"]], weight, batch["pred_labels"], bias, chunk_size)
+    pairs = batch["num_pairs"]
+    token_means = (hidden.detach().float() @ mean_logit_direction(weight, bias)[0])[batch["token_index"]]
+    offset = mean_logit_direction(weight, bias)[1]
+    chosen = batch["token_seq"] < pairs
+    return _from_label_logps(per_label, batch["pred_seq"], 2 * pairs, average,
+                             token_means[chosen].mean() + offset, token_means[~chosen].mean() + offset)
+
+
+def pair_forward(model, batch, average: bool, engine: EngineConfig) -> PairOutput:
+    """The pair forward that ``engine`` selects; every choice gives the same numbers."""
+    if engine.packing:
+        return forward_pair_packed(model, batch, average, engine.logits_chunk_size)
+    if engine.logits == "chunked":
+        return forward_pair_chunked(model, batch, average, engine.logits_chunk_size)
+    return forward_pair(model, batch, average)
+
+
+def pair_collator(tokenizer, engine: EngineConfig):
+    """The collator that builds the batches ``engine``'s pair forward expects."""
+    if engine.packing:
+        return PackingCollator(shared_prompt=engine.shared_prompt)
+    return PreferenceCollator(tokenizer.pad_token_id)
+
+
+def pair_loss(model, batch, spec: LossSpec,
+              engine: EngineConfig = EngineConfig()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training objective of one batch and its metrics (TRL's ``get_batch_loss_metrics``)."""
-    out = forward_pair(model, batch, spec.average_log_prob)
+    out = pair_forward(model, batch, spec.average_log_prob, engine)
     losses, chosen_rewards, rejected_rewards = preference_loss(out.chosen_logps, out.rejected_logps, spec)
     loss = total_loss(losses, out.nll_loss, spec.cpo_alpha)
     metrics = pair_metrics(
@@ -126,13 +207,15 @@ def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model, loader, spec: LossSpec, accelerator: Accelerator, progress: bool = False) -> dict[str, float]:
+def evaluate(model, loader, spec: LossSpec, accelerator: Accelerator, progress: bool = False,
+             engine: EngineConfig = EngineConfig()) -> dict[str, float]:
     """Eval metrics over the whole loader, each the mean of its batch values (as TRL)."""
     was_training = model.training
     model.eval()
     window = MetricWindow()
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        _, metrics = pair_loss(model, batch, spec)
+        with accelerator.autocast():
+            _, metrics = pair_loss(model, batch, spec, engine)
         window.add(metrics)
     model.train(was_training)
     return window.flush(prefix=EVAL_PREFIX)
@@ -148,6 +231,7 @@ def train(
     hardware: HardwareConfig,
     output_dir: str,
     log_metrics: MetricsSink = lambda metrics, step: None,
+    engine: EngineConfig = EngineConfig(),
 ) -> TrainResult:
     """Train ``model`` on tokenized pairs; metrics go to ``log_metrics(metrics, step)``."""
     accelerator = Accelerator(
@@ -159,7 +243,10 @@ def train(
     set_seed(cfg.seed)
     if cfg.disable_dropout:
         disable_dropout(model)
-    collate = PreferenceCollator(tokenizer.pad_token_id)
+    collate = pair_collator(tokenizer, engine)
+    attn_implementation = model.config._attn_implementation
+    if engine.packing:
+        model.set_attn_implementation(SEGMENT_ATTENTION)
     train_loader = DataLoader(train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate)
     eval_loader = (
@@ -188,7 +275,7 @@ def train(
     def run_eval(step: int) -> None:
         if eval_loader is None:
             return
-        metrics = evaluate(model, eval_loader, spec, accelerator, show)
+        metrics = evaluate(model, eval_loader, spec, accelerator, show, engine)
         result.eval_metrics = metrics
         result.eval_history.append((step, metrics))
         log_metrics(metrics, step)
@@ -205,7 +292,8 @@ def train(
     while step < total_steps:
         for batch in train_loader:
             with accelerator.accumulate(model):
-                loss, metrics = pair_loss(model, batch, spec)
+                with accelerator.autocast():  # the hidden-state paths bypass the model's own forward
+                    loss, metrics = pair_loss(model, batch, spec, engine)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = accelerator.clip_grad_norm_(
@@ -215,7 +303,7 @@ def train(
                 scheduler.step()
                 optimizer.zero_grad()
             window.add(metrics)
-            window_tokens += int(batch["attention_mask"].sum())
+            window_tokens += batch["num_tokens"] if "num_tokens" in batch else int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
             step += 1
@@ -244,6 +332,7 @@ def train(
     result.train_seconds = time.perf_counter() - train_start
     result.tokens_per_second = all_tokens / result.train_seconds if result.train_seconds else 0.0
     run_eval(step)
+    accelerator.unwrap_model(model).set_attn_implementation(attn_implementation)
     if cfg.save_model and accelerator.is_main_process:
         target = Path(output_dir) / "model"
         accelerator.unwrap_model(model).save_pretrained(target)
