@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -44,6 +45,7 @@ def run_name(overrides: list[str]) -> str:
 
 def run(dcfg: DictConfig) -> Optional[float]:
     """One job: everything after composition. Returns the final eval loss (for sweepers)."""
+    started = time.perf_counter()
     hydra_cfg = HydraConfig.get()
     cfg: Config = OmegaConf.to_object(dcfg)
     cfg.output_dir = hydra_cfg.runtime.output_dir
@@ -95,11 +97,19 @@ def run(dcfg: DictConfig) -> Optional[float]:
         tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters())})
         result = engine.train(
             model, tokenizer, tokenized["train"], tokenized.get("eval"), cfg.loss_spec(), cfg.train,
-            cfg.hardware, cfg.output_dir, tracker.log_metrics,
+            cfg.hardware, cfg.output_dir, tracker.log_metrics, cfg.engine,
         )
         tracker.log_metrics({"train_seconds": result.train_seconds,
-                             "train_tokens_per_second": result.tokens_per_second}, result.global_step)
+                             "train_tokens_per_second": result.tokens_per_second,
+                             "train_step_seconds": result.step_seconds, "eval_seconds": result.eval_seconds},
+                            result.global_step)
         log.info("done in %.1fs; outputs in %s", result.train_seconds, cfg.output_dir)
+        wall = time.perf_counter() - started
+        other = wall - result.step_seconds - result.eval_seconds
+        log.info("wall %.1fs after composition: train steps %.1fs (%.0f%%), eval %.1fs (%.0f%%), other "
+                 "(tracking, data, model load, batching, logging) %.1fs (%.0f%%)", wall, result.step_seconds,
+                 100 * result.step_seconds / wall, result.eval_seconds, 100 * result.eval_seconds / wall,
+                 other, 100 * other / wall)
         log_file = Path(cfg.output_dir) / f"{hydra_cfg.job.name}.log"
         if log_file.is_file():
             tracker.log_artifact(str(log_file))

@@ -193,6 +193,10 @@ class TrainResult:
     eval_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     train_seconds: float = 0.0
     tokens_per_second: float = 0.0
+    # Wall time inside forward/backward/optimizer steps (train) and eval passes; on a GPU these
+    # are host-side times (kernels are asynchronous), exact only at the metric flushes.
+    step_seconds: float = 0.0
+    eval_seconds: float = 0.0
 
 
 def show_progress(cfg: TrainConfig) -> bool:
@@ -275,7 +279,9 @@ def train(
     def run_eval(step: int) -> None:
         if eval_loader is None:
             return
+        started = time.perf_counter()
         metrics = evaluate(model, eval_loader, spec, accelerator, show, engine)
+        result.eval_seconds += time.perf_counter() - started
         result.eval_metrics = metrics
         result.eval_history.append((step, metrics))
         log_metrics(metrics, step)
@@ -291,6 +297,7 @@ def train(
     progress = tqdm(total=total_steps, desc="train", disable=not show)
     while step < total_steps:
         for batch in train_loader:
+            started = time.perf_counter()
             with accelerator.accumulate(model):
                 with accelerator.autocast():  # the hidden-state paths bypass the model's own forward
                     loss, metrics = pair_loss(model, batch, spec, engine)
@@ -302,6 +309,7 @@ def train(
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
+            result.step_seconds += time.perf_counter() - started
             window.add(metrics)
             window_tokens += batch["num_tokens"] if "num_tokens" in batch else int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:

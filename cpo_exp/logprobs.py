@@ -22,19 +22,24 @@ import torch
 DEFAULT_CHUNK_SIZE = 512
 
 
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """float32, or float64 for float64 inputs (a half-precision model still gets a float32 softmax)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     # The projection runs in the model's dtype (as the model's own lm_head would), the
     # softmax in float32 (as the plain path's ``logits.float()``).
     logits = h @ weight.t()
     if bias is not None:
         logits = logits + bias
-    return logits.float()
+    return logits.to(_accumulator(logits.dtype))
 
 
 class _LabelLogps(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, weight, bias, labels, chunk_size):
-        out = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        out = torch.empty(h.shape[0], dtype=_accumulator(h.dtype), device=h.device)
         lse = torch.empty_like(out)
         for start in range(0, h.shape[0], chunk_size):
             stop = start + chunk_size
@@ -50,8 +55,9 @@ class _LabelLogps(torch.autograd.Function):
         h, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        acc = _accumulator(h.dtype)
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         for start in range(0, h.shape[0], ctx.chunk_size):
             stop = start + ctx.chunk_size
             hc, go = h[start:stop], grad_out[start:stop]
@@ -62,9 +68,9 @@ class _LabelLogps(torch.autograd.Function):
             if need_h:
                 grad_h[start:stop] = grad_logits @ weight
             if need_w:
-                grad_w += (grad_logits.t() @ hc).float()
+                grad_w += (grad_logits.t() @ hc).to(acc)
             if need_b:
-                grad_b += grad_logits.float().sum(0)
+                grad_b += grad_logits.to(acc).sum(0)
         return (
             grad_h,
             grad_w.to(weight.dtype) if need_w else None,
@@ -81,12 +87,12 @@ def label_logps(
     bias: Optional[torch.Tensor] = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> torch.Tensor:
-    """``log softmax(hidden @ weight.T + bias)[labels]`` per row, in float32, chunk by chunk.
+    """``log softmax(hidden @ weight.T + bias)[labels]`` per row, in (at least) float32, chunk by chunk.
 
     ``hidden`` is ``[N, H]`` (only the positions whose next token counts), ``labels`` ``[N]``.
     """
     if hidden.shape[0] == 0:
-        return hidden.new_zeros(0, dtype=torch.float32) + 0 * weight.sum()
+        return hidden.new_zeros(0, dtype=_accumulator(hidden.dtype)) + 0 * weight.sum()
     return _LabelLogps.apply(hidden, weight, bias, labels, chunk_size)
 
 
