@@ -28,10 +28,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from cpo_exp.config import EngineConfig, HardwareConfig, TrainConfig
 from cpo_exp.data import LABEL_PAD, PreferenceCollator
 from cpo_exp.logprobs import label_logps, mean_logit, mean_logit_direction
-from cpo_exp.packing import SEGMENT_ATTENTION, PackingCollator
 from cpo_exp.losses import LossSpec, preference_loss, total_loss
 from cpo_exp.metrics import EVAL_PREFIX, MetricWindow, pair_metrics
 from cpo_exp.models import disable_dropout
+from cpo_exp.packing import SEGMENT_ATTENTION, PackingCollator
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,10 @@ def forward_pair(model: torch.nn.Module, batch: dict[str, torch.Tensor], average
 
 def _body_and_head(model: torch.nn.Module):
     """The decoder stack and the output projection of a causal LM, for the hidden-state paths."""
+    if hasattr(model, "module"):
+        # Calling a wrapped (DDP/FSDP) model's submodules would bypass its gradient hooks.
+        raise ValueError("engine.logits=chunked runs on one process for now; use engine.logits=full "
+                         f"with {type(model).__name__}")
     config = model.config
     for key in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, key, None):
@@ -146,8 +150,8 @@ def forward_pair_packed(model, batch: dict, average: bool, chunk_size: int) -> P
                   cpo_segments=batch["segments"]).last_hidden_state[0]
     per_label = label_logps(hidden[batch["pred_index"]], weight, batch["pred_labels"], bias, chunk_size)
     pairs = batch["num_pairs"]
-    token_means = (hidden.detach().float() @ mean_logit_direction(weight, bias)[0])[batch["token_index"]]
-    offset = mean_logit_direction(weight, bias)[1]
+    direction, offset = mean_logit_direction(weight, bias)
+    token_means = (hidden.detach().float() @ direction)[batch["token_index"]]
     chosen = batch["token_seq"] < pairs
     return _from_label_logps(per_label, batch["pred_seq"], 2 * pairs, average,
                              token_means[chosen].mean() + offset, token_means[~chosen].mean() + offset)
