@@ -378,6 +378,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
                         "alternating; each variant's fastest run is reported")
     parser.add_argument("--prompt-scale", type=float, default=1.0, help="multiply the median prompt length")
     parser.add_argument("--out", default=None, help="write the figures as JSON here")
+    parser.add_argument("--peak-tflops", type=float, default=989.0,
+                        help="dense bf16 peak of the GPU, for MFU (989 for H100/H200 SXM)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -424,7 +426,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         "vs_trl": compare(results),
     }
     if w.device == "cuda":
-        report["mfu_note"] = "MFU = 6 x params x tokens/s / peak bf16 FLOP/s of the card"
+        # Model FLOPs utilisation: 6 x params x tokens/s over the card's dense bf16 peak.
+        report["device_name"] = torch.cuda.get_device_name()
+        report["peak_tflops"] = args.peak_tflops
+        for r in results:
+            r["mfu"] = 6 * report["num_parameters"] * r["tokens_per_second"] / (args.peak_tflops * 1e12)
     _print(report)
     if args.out:
         with open(args.out, "w") as handle:
@@ -450,6 +456,8 @@ def _print(report: dict) -> None:
             v = vs[r["variant"]]
             line += (f" {v['tokens_per_second_ratio']:>11.2f} {v['peak_memory_ratio']:>9.2f} "
                      f"{v['max_metric_rel_diff']:>15.2e} {v['max_metric_rel_diff_excluding_logits']:>13.2e}")
+        if "mfu" in r:
+            line += f"  MFU {r['mfu']:.1%}"
         print(line)
 
 
