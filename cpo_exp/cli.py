@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -105,6 +106,7 @@ def check_launcher(distributed: str, env: dict) -> None:
 
 def run(dcfg: DictConfig) -> Optional[float]:
     """One job: everything after composition. Returns the objective's final eval value (for sweepers)."""
+    started = time.perf_counter()
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     # Set by accelerate launch and torchrun; only the first process talks to MLflow.
@@ -185,11 +187,19 @@ def run(dcfg: DictConfig) -> Optional[float]:
                 model, tokenizer, tokenized["train"], tokenized.get("eval"), cfg.loss_spec(), cfg.train,
                 cfg.hardware, cfg.output_dir, tracker.log_metrics,
                 extra_eval=generation_eval(cfg, tokenizer, prepared.get("eval"), tracker),
-                checkpointer=checkpointer,
+                checkpointer=checkpointer, engine=cfg.engine,
             )
         tracker.log_metrics({"train_seconds": result.train_seconds,
-                             "train_tokens_per_second": result.tokens_per_second}, result.global_step)
+                             "train_tokens_per_second": result.tokens_per_second,
+                             "train_step_seconds": result.step_seconds, "eval_seconds": result.eval_seconds},
+                            result.global_step)
         log.info("done in %.1fs; outputs in %s", result.train_seconds, cfg.output_dir)
+        wall = time.perf_counter() - started
+        other = wall - result.step_seconds - result.eval_seconds
+        log.info("wall %.1fs after composition: train steps %.1fs (%.0f%%), eval %.1fs (%.0f%%), other "
+                 "(tracking, data, model load, batching, logging) %.1fs (%.0f%%)", wall, result.step_seconds,
+                 100 * result.step_seconds / wall, result.eval_seconds, 100 * result.eval_seconds / wall,
+                 other, 100 * other / wall)
         log_file = Path(cfg.output_dir) / f"{hydra_cfg.job.name}.log"
         if log_file.is_file():
             tracker.log_artifact(str(log_file))

@@ -147,6 +147,23 @@ class HardwareConfig:
 
 
 @dataclass
+class EngineConfig:
+    """How the pair forward is computed. Every switch gives the plain path's loss, metrics and
+    gradients (to float32 rounding); only speed and memory change (see README, Performance).
+
+    ``logits``: ``full`` materialises ``[2B, T, V]`` logits as TRL does; ``chunked`` fuses the
+    head with the log-softmax over completion positions, ``logits_chunk_size`` rows at a time.
+    ``packing`` lays the batch out without padding (needs ``logits: chunked``);
+    ``shared_prompt`` computes each pair's common prefix once (needs ``packing``).
+    """
+
+    logits: str = "full"
+    logits_chunk_size: int = 512
+    packing: bool = False
+    shared_prompt: bool = False
+
+
+@dataclass
 class TrackingConfig:
     """Where metrics go. ``backend: none`` runs without MLflow."""
 
@@ -188,6 +205,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     # Where the model and logs of this run go; the CLI sets it to Hydra's run directory.
@@ -323,4 +341,11 @@ def validate(cfg: Config) -> None:
     generated = tuple(f"eval_gen/{name}" for name in e.scorers) if e.generate else ()
     _one_of("objective.metric", cfg.objective.metric, OBJECTIVE_METRICS + generated)
     _one_of("objective.direction", cfg.objective.direction, ("maximize", "minimize"))
+    g = cfg.engine
+    _one_of("engine.logits", g.logits, ("full", "chunked"))
+    _require(g.logits_chunk_size > 0, "engine.logits_chunk_size", "must be > 0", g.logits_chunk_size)
+    _require(not g.packing or g.logits == "chunked", "engine.packing",
+             "needs engine.logits=chunked (a packed batch is read from hidden states)", g.packing)
+    _require(not g.shared_prompt or g.packing, "engine.shared_prompt", "needs engine.packing=true",
+             g.shared_prompt)
     _one_of("tracking.backend", cfg.tracking.backend, ("mlflow", "none"))

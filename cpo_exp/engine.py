@@ -27,11 +27,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from cpo_exp import interrupts
 from cpo_exp.checkpoint import Checkpointer, Position
-from cpo_exp.config import HardwareConfig, TrainConfig
+from cpo_exp.config import EngineConfig, HardwareConfig, TrainConfig
 from cpo_exp.data import LABEL_PAD, collator_for
+from cpo_exp.logprobs import label_logps, mean_logit, mean_logit_direction
 from cpo_exp.losses import LossSpec, preference_loss, total_loss
 from cpo_exp.metrics import EVAL_PREFIX, MetricWindow, pair_metrics
 from cpo_exp.models import disable_dropout
+from cpo_exp.packing import SEGMENT_ATTENTION, PackingCollator
 
 log = logging.getLogger(__name__)
 
@@ -107,13 +109,110 @@ def forward_pair(model: torch.nn.Module, batch: dict[str, torch.Tensor], average
     )
 
 
-def pair_loss(model, batch, spec: LossSpec, aux_loss_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _body_and_head(model: torch.nn.Module):
+    """The decoder stack and the output projection of a causal LM, for the hidden-state paths."""
+    if hasattr(model, "module"):
+        # Calling a wrapped (DDP/FSDP) model's submodules would bypass its gradient hooks.
+        raise ValueError("engine.logits=chunked runs on one process for now; use engine.logits=full "
+                         f"with {type(model).__name__}")
+    config = model.config
+    for key in ("final_logit_softcapping", "logit_scale"):
+        if getattr(config, key, None):
+            raise ValueError(f"engine.logits=chunked does not support models with {key} "
+                             f"({config.model_type}); use engine.logits=full")
+    head = model.get_output_embeddings()
+    return model.get_decoder(), head.weight, getattr(head, "bias", None)
+
+
+def _from_label_logps(per_label, seq, sequences, average, chosen_logits_mean, rejected_logits_mean):
+    """Per-sequence sums (or means), and TRL's NLL over the chosen half, from flat label log-probs."""
+    sums = per_label.new_zeros(sequences).index_add(0, seq, per_label)
+    counts = torch.bincount(seq, minlength=sequences)
+    half = sequences // 2
+    logps = sums / counts if average else sums
+    return PairOutput(
+        chosen_logps=logps[:half],
+        rejected_logps=logps[half:],
+        nll_loss=-sums[:half].sum() / counts[:half].sum(),
+        chosen_logits_mean=chosen_logits_mean,
+        rejected_logits_mean=rejected_logits_mean,
+    )
+
+
+def forward_pair_chunked(model, batch: dict[str, torch.Tensor], average: bool, chunk_size: int) -> PairOutput:
+    """:func:`forward_pair` on the padded batch, with the head fused into a chunked log-softmax.
+
+    Logits exist only for completion positions, ``chunk_size`` rows at a time; the
+    ``logits/*`` metrics (TRL's mean over the whole padded half) come from the hidden states.
+    """
+    body, weight, bias = _body_and_head(model)
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  use_cache=False).last_hidden_state
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    mask = labels != LABEL_PAD
+    per_label = label_logps(hidden[:, :-1][mask], weight, labels[mask], bias, chunk_size)
+    half = hidden.shape[0] // 2
+    direction = mean_logit_direction(weight, bias)
+    return _from_label_logps(per_label, mask.nonzero()[:, 0], hidden.shape[0], average,
+                             mean_logit(hidden[:half], direction), mean_logit(hidden[half:], direction))
+
+
+def forward_pair_packed(model, batch: dict, average: bool, chunk_size: int) -> PairOutput:
+    """:func:`forward_pair` on a padding-free batch from :class:`~cpo_exp.packing.PackingCollator`.
+
+    ``logits/*`` here is the mean over the real tokens of each half (a packed batch has no
+    padding positions, which TRL's figure includes; see README, Performance).
+    """
+    body, weight, bias = _body_and_head(model)
+    hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                  cpo_segments=batch["segments"]).last_hidden_state[0]
+    per_label = label_logps(hidden[batch["pred_index"]], weight, batch["pred_labels"], bias, chunk_size)
+    pairs = batch["num_pairs"]
+    direction, offset = mean_logit_direction(weight, bias)
+    token_means = (hidden.detach().float() @ direction)[batch["token_index"]]
+    chosen = batch["token_seq"] < pairs
+    return _from_label_logps(per_label, batch["pred_seq"], 2 * pairs, average,
+                             token_means[chosen].mean() + offset, token_means[~chosen].mean() + offset)
+
+
+def pair_forward(model, batch, average: bool, engine: EngineConfig) -> PairOutput:
+    """The pair forward that ``engine`` selects; every choice gives the same numbers."""
+    if "decoder_input_ids" in batch:  # encoder-decoders take the plain path (see check_engine)
+        return forward_pair(model, batch, average)
+    if engine.packing:
+        return forward_pair_packed(model, batch, average, engine.logits_chunk_size)
+    if engine.logits == "chunked":
+        return forward_pair_chunked(model, batch, average, engine.logits_chunk_size)
+    return forward_pair(model, batch, average)
+
+
+def pair_collator(model_config, tokenizer, engine: EngineConfig):
+    """The collator that builds the batches ``engine``'s pair forward expects."""
+    if engine.packing:
+        return PackingCollator(shared_prompt=engine.shared_prompt)
+    return collator_for(model_config, tokenizer.pad_token_id)
+
+
+def check_engine(model: torch.nn.Module, engine: EngineConfig, aux_loss_coef: float) -> None:
+    """The hidden-state paths run a causal LM's decoder stack directly: refuse what they cannot do."""
+    if not (engine.packing or engine.logits == "chunked"):
+        return
+    if model.config.is_encoder_decoder:
+        raise ValueError("engine.logits=chunked and engine.packing support causal LMs only; "
+                         "use engine=plain for an encoder-decoder")
+    if aux_loss_coef:
+        raise ValueError("engine.logits=chunked and engine.packing would drop the router aux loss of this "
+                         "mixture-of-experts model; use engine=plain")
+
+
+def pair_loss(model, batch, spec: LossSpec, aux_loss_coef: float = 0.0,
+              engine: EngineConfig = EngineConfig()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training objective of one batch and its metrics (TRL's ``get_batch_loss_metrics``).
 
     A mixture-of-experts model's router loss is added as ``aux_loss_coef * aux_loss`` (TRL:
     ``router_aux_loss_coef`` of a model with ``output_router_logits``).
     """
-    out = forward_pair(model, batch, spec.average_log_prob)
+    out = pair_forward(model, batch, spec.average_log_prob, engine)
     losses, chosen_rewards, rejected_rewards = preference_loss(out.chosen_logps, out.rejected_logps, spec)
     loss = total_loss(losses, out.nll_loss, spec.cpo_alpha)
     if aux_loss_coef and out.aux_loss is not None:
@@ -146,6 +245,10 @@ class TrainResult:
     eval_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     train_seconds: float = 0.0
     tokens_per_second: float = 0.0
+    # Wall time inside forward/backward/optimizer steps (train) and eval passes; on a GPU these
+    # are host-side times (kernels are asynchronous), exact only at the metric flushes.
+    step_seconds: float = 0.0
+    eval_seconds: float = 0.0
 
 
 def show_progress(cfg: TrainConfig) -> bool:
@@ -161,13 +264,14 @@ def _total_steps(cfg: TrainConfig, batches_per_epoch: int) -> int:
 
 @torch.no_grad()
 def evaluate(model, loader, spec: LossSpec, accelerator: Accelerator, progress: bool = False,
-             aux_loss_coef: float = 0.0) -> dict[str, float]:
+             aux_loss_coef: float = 0.0, engine: EngineConfig = EngineConfig()) -> dict[str, float]:
     """Eval metrics over the whole loader, each the mean of its batch values (as TRL)."""
     was_training = model.training
     model.eval()
     window = MetricWindow()
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
-        _, metrics = pair_loss(model, batch, spec, aux_loss_coef)
+        with accelerator.autocast():
+            _, metrics = pair_loss(model, batch, spec, aux_loss_coef, engine)
         window.add(metrics)
     model.train(was_training)
     return reduce_across_processes(window.flush(prefix=EVAL_PREFIX), accelerator)
@@ -194,6 +298,7 @@ def train(
     log_metrics: MetricsSink = lambda metrics, step: None,
     extra_eval: Optional[Callable[[torch.nn.Module, int], dict[str, float]]] = None,
     checkpointer: Optional[Checkpointer] = None,
+    engine: EngineConfig = EngineConfig(),
 ) -> TrainResult:
     """Train ``model`` on tokenized pairs; metrics go to ``log_metrics(metrics, step)``.
 
@@ -212,7 +317,11 @@ def train(
     aux_coef = router_aux_loss_coef(model)
     if cfg.disable_dropout:
         disable_dropout(model)
-    collate = collator_for(model.config, tokenizer.pad_token_id)
+    check_engine(model, engine, aux_coef)
+    collate = pair_collator(model.config, tokenizer, engine)
+    attn_implementation = model.config._attn_implementation
+    if engine.packing:
+        model.set_attn_implementation(SEGMENT_ATTENTION)
     train_loader = DataLoader(train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate)
     eval_loader = (
@@ -241,7 +350,9 @@ def train(
     def run_eval(step: int) -> None:
         if eval_loader is None:
             return
-        metrics = evaluate(model, eval_loader, spec, accelerator, show, aux_coef)
+        started = time.perf_counter()
+        metrics = evaluate(model, eval_loader, spec, accelerator, show, aux_coef, engine)
+        result.eval_seconds += time.perf_counter() - started
         if extra_eval is not None:
             metrics.update(extra_eval(accelerator.unwrap_model(model), step))
         result.eval_metrics = metrics
@@ -278,8 +389,10 @@ def train(
         for batch in loader:
             in_epoch += 1
             update = True
+            started = time.perf_counter()
             with accelerator.accumulate(model):
-                loss, metrics = pair_loss(model, batch, spec, aux_coef)
+                with accelerator.autocast():  # the hidden-state paths bypass the model's own forward
+                    loss, metrics = pair_loss(model, batch, spec, aux_coef, engine)
                 accelerator.backward(loss)
                 finite = finite & torch.isfinite(loss.detach())
                 if accelerator.sync_gradients:
@@ -296,9 +409,10 @@ def train(
                     optimizer.step()
                     scheduler.step()
                 optimizer.zero_grad()
+            result.step_seconds += time.perf_counter() - started
             if update:
                 window.add(metrics)
-            window_tokens += int(batch["attention_mask"].sum())
+            window_tokens += batch["num_tokens"] if "num_tokens" in batch else int(batch["attention_mask"].sum())
             if not accelerator.sync_gradients:
                 continue
             step += 1
@@ -336,6 +450,8 @@ def train(
     result.train_seconds = time.perf_counter() - train_start
     result.tokens_per_second = all_tokens / result.train_seconds if result.train_seconds else 0.0
     run_eval(step)
+    if engine.packing:
+        accelerator.unwrap_model(model).set_attn_implementation(attn_implementation)
     if cfg.save_model:
         state = accelerator.get_state_dict(model)  # gathers shards under FSDP / ZeRO-3: every process
         if accelerator.is_main_process:

@@ -1,0 +1,52 @@
+"""The benchmark runs end to end on a tiny workload and writes its figures (not a speed test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli
+
+pytest.importorskip("trl")
+
+
+@pytest.mark.slow
+def test_bench_runs_trl_and_our_engine_and_writes_the_figures(workdir):
+    out = workdir / "bench.json"
+    done = run_cli("--workload", "tiny", "--steps", "2", "--variants", "trl,plain,packed+shared_prompt",
+                   "--out", str(out), cwd=workdir, module="cpo_exp.bench")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    assert report["conditions"]["workload"] == "tiny"
+    assert {"real_tokens", "padded_tokens", "prompt_share"} <= set(report["conditions"]["tokens"])
+    variants = [r["variant"] for r in report["results"]]
+    assert variants == ["trl", "plain", "packed+shared_prompt"]
+    for result in report["results"]:
+        assert result["tokens_per_second"] > 0 and result["seconds_per_step"] > 0
+        assert result["memory_bytes"] is not None and len(result["step_seconds"]) == 2
+        assert "rewards/margins" in result["final_metrics"]
+    vs = report["vs_trl"]["packed+shared_prompt"]
+    assert {"tokens_per_second_ratio", "peak_memory_ratio", "max_metric_rel_diff", "metric_abs_diff"} <= set(vs)
+    # the same model, data and batches: TRL's numbers, logits/* aside (see README, Performance)
+    assert report["vs_trl"]["plain"]["max_metric_rel_diff"] < 1e-4
+    assert vs["max_metric_rel_diff_excluding_logits"] < 1e-4
+    assert "tok/s" in done.stdout
+
+
+def test_gpu_workload_is_the_qwen2_0_5b_shape_in_bf16():
+    from cpo_exp.bench import WORKLOADS, num_parameters
+
+    w = WORKLOADS["gpu-0.5b"]
+    assert (w.vocab_size, w.dtype, w.device, w.pairs) == (151936, "bfloat16", "cuda", 8)
+    assert w.max_prompt + w.max_completion + 1 <= 1024
+    assert 490e6 < num_parameters(w) < 500e6  # Qwen2-0.5B: 494M with tied embeddings
+
+
+def test_gpu_workload_without_a_gpu_is_refused_by_name(workdir):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    done = run_cli("--workload", "gpu-0.5b", cwd=workdir, module="cpo_exp.bench")
+    assert done.returncode != 0 and "gpu-0.5b needs a CUDA device" in done.stderr
