@@ -354,7 +354,12 @@ def train(
         metrics = evaluate(model, eval_loader, spec, accelerator, show, aux_coef, engine)
         result.eval_seconds += time.perf_counter() - started
         if extra_eval is not None:
-            metrics.update(extra_eval(accelerator.unwrap_model(model), step))
+            plain = accelerator.unwrap_model(model)
+            if engine.packing:  # generation runs ordinary forwards, not packed rows
+                plain.set_attn_implementation(attn_implementation)
+            metrics.update(extra_eval(plain, step))
+            if engine.packing:
+                plain.set_attn_implementation(SEGMENT_ATTENTION)
         result.eval_metrics = metrics
         result.eval_history.append((step, metrics))
         log_metrics(metrics, step)

@@ -122,3 +122,26 @@ def test_conversational_eval_rows_are_prompted_as_in_training():
     evaluator = GenerationEval(tokenizer, rows, num_prompts=4, spec=SamplingSpec())
     assert evaluator.rows[0]["prompt"] == "<|im_start|>user\nthe dog<|im_end|>\n<|im_start|>assistant\n"
     assert evaluator.rows[0]["chosen"].startswith("der Hund")
+
+
+def test_generation_works_with_the_packed_engine(toy_rows, tmp_path):
+    """Packing swaps the attention for packed rows; generation must still see ordinary attention."""
+    import datasets
+
+    from cpo_exp.config import EngineConfig, HardwareConfig, TrainConfig
+    from cpo_exp.data import SequenceLengths, tokenize_dataset
+    from cpo_exp.engine import train
+    from cpo_exp.generation import GenerationEval
+    from cpo_exp.losses import LossSpec
+
+    tokenizer = load_tokenizer(TINY)
+    torch.manual_seed(0)
+    model = load_model(TINY, tokenizer)
+    data = tokenize_dataset(datasets.Dataset.from_list(toy_rows * 2), tokenizer, SequenceLengths(), "train", "error")
+    evaluator = GenerationEval(tokenizer, toy_rows, num_prompts=2, spec=SamplingSpec(max_new_tokens=4))
+    lean = EngineConfig(logits="chunked", packing=True, shared_prompt=True)
+    result = train(model, tokenizer, data, data, LossSpec(),
+                   TrainConfig(max_steps=2, logging_steps=1, progress_bar=False, save_model=False),
+                   HardwareConfig(cpu=True), str(tmp_path), extra_eval=evaluator, engine=lean)
+    assert "eval_gen/chrf" in result.eval_metrics
+    assert model.config._attn_implementation != "cpo_segments"  # restored after training
