@@ -157,8 +157,9 @@ def run(dcfg: DictConfig) -> Optional[float]:
     tracking = cfg.tracking if rank == 0 else dataclasses.replace(cfg.tracking, backend="none")
     parent = (job.parent_run_id(tracking_uri(cfg.tracking, hydra_cfg.runtime.cwd), cfg.tracking.experiment_name)
               if job is not None and rank == 0 else None)
-    with tracked_run(tracking, hydra_cfg.runtime.cwd, name, tags, run_id=point.mlflow_run_id if point else None,
-                     spill_dir=cfg.output_dir, parent_run_id=parent) as tracker:
+    with interrupts.stop_on_terminate(), tracked_run(
+            tracking, hydra_cfg.runtime.cwd, name, tags, run_id=point.mlflow_run_id if point else None,
+            spill_dir=cfg.output_dir, parent_run_id=parent) as tracker:
         if point is None and rank == 0:
             tracker.log_params(flatten(public))
             resolved_path = Path(cfg.output_dir) / "resolved_config.yaml"
@@ -268,7 +269,10 @@ def main(dcfg: DictConfig) -> Optional[float]:
     try:
         return run(dcfg)
     except interrupts.Stopped as err:
-        log.error("%s; continue with: python -m cpo_exp resume=%s", err, HydraConfig.get().runtime.output_dir)
+        if err.checkpoint:
+            log.error("%s; continue with: python -m cpo_exp resume=%s", err, HydraConfig.get().runtime.output_dir)
+        else:
+            log.error("%s (stopped before training began: nothing to resume)", err)
         sys.exit(128 + err.signum)
     except engine_errors() as err:
         log.error("%s", err)

@@ -21,12 +21,16 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _requested: Optional[int] = None
 
 
-class Stopped(Exception):
-    """Training stopped on a signal after saving ``checkpoint`` at ``step``."""
+class Stopped(BaseException):
+    """Training stopped on a signal after saving ``checkpoint`` at ``step``.
+
+    A ``BaseException``, like ``KeyboardInterrupt``: library code that catches ``Exception``
+    (a tokenizer callback, a data loader) must not swallow a stop request.
+    """
 
     def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint (none configured)"
+        where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where}")
 
 
@@ -42,6 +46,25 @@ def _on_signal(signum: int, frame) -> None:
         signal.signal(sig, signal.SIG_DFL)  # a second signal stops at once
     log.warning("%s received: stopping after the current step (send it again to stop at once)",
                 signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def stop_on_terminate() -> Iterator[None]:
+    """Before training (data, model loading) there is nothing to checkpoint: SIGTERM raises
+    :class:`Stopped` at once, as Ctrl-C raises KeyboardInterrupt, so the MLflow run still ends
+    KILLED instead of being left RUNNING. :func:`graceful_stop` takes over during training."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_stopped(signum: int, frame) -> None:
+        raise Stopped(signum, 0, None)
+
+    previous = signal.signal(signal.SIGTERM, raise_stopped)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

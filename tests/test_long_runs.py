@@ -296,3 +296,25 @@ def test_tracking_server_outage_mid_run_loses_no_metrics(workdir):
             assert not (run_dir / "unsent_metrics.jsonl").exists()
         finally:
             server.stop()
+
+
+@pytest.mark.slow
+def test_sigterm_before_training_ends_the_mlflow_run_killed(workdir, toy_rows):
+    """A preemption while the data is still being tokenized: nothing to checkpoint, but the run
+    must not be left RUNNING."""
+    from conftest import write_jsonl
+
+    rows = [{**row, "prompt": f"{row['prompt']} ({k})"} for k in range(10000) for row in toy_rows]
+    train = write_jsonl(workdir / "big.jsonl", rows)  # a few seconds of tokenization
+    run_dir = workdir / "outputs" / "early"
+    proc = start_cli("data=files", f"data.train_files=[{train}]", "hydra.run.dir=outputs/early", cwd=workdir)
+    wait_for(lambda: "train: tokenizing" in (run_dir / "cpo_exp.log").read_text()
+             if (run_dir / "cpo_exp.log").is_file() else False, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM after step 0; no checkpoint" in stderr
+    assert "nothing to resume" in stderr
+    run = runs_by_dir(workdir)["early"]
+    assert run.info.status == "KILLED"
+    assert not (run_dir / "model").exists()
