@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+import cpo_exp
 from cpo_exp import checkpoint, interrupts
 from cpo_exp.checkpoint import CheckpointError
 from cpo_exp.config import Config, ConfigError, validate
@@ -44,6 +45,10 @@ ConfigStore.instance().store(name="cpo_exp_schema", node=Config)
 # conf/config.yaml: ``resume=<dir>`` makes <dir> the run dir (see there).
 OmegaConf.register_new_resolver("cpo_exp.if_resume", lambda resume, then, other: then if resume else other,
                                 replace=True)
+
+
+# Where the first run of this process starts its wall clock (see RunTimes).
+_clock: Optional[float] = cpo_exp.IMPORTED_AT
 
 
 def run_name(overrides: list[str]) -> str:
@@ -106,7 +111,10 @@ def check_launcher(distributed: str, env: dict) -> None:
 
 def run(dcfg: DictConfig) -> Optional[float]:
     """One job: everything after composition. Returns the objective's final eval value (for sweepers)."""
-    started = time.perf_counter()
+    global _clock
+    composed = time.perf_counter()
+    # A multirun's later jobs in this process imported nothing: their clock starts at composition.
+    clock, _clock = _clock if _clock is not None else composed, None
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     # Set by accelerate launch and torchrun; only the first process talks to MLflow.
@@ -141,15 +149,6 @@ def run(dcfg: DictConfig) -> Optional[float]:
     check_launcher(cfg.hardware.distributed, dict(os.environ))
     checkpoint.check_writable(cfg.output_dir)
 
-    import torch
-    import transformers
-
-    from cpo_exp import engine, models
-
-    quiet_progress_bars(cfg)
-    if cfg.hardware.num_threads is not None:
-        torch.set_num_threads(cfg.hardware.num_threads)
-
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     resolved["output_dir"] = cfg.output_dir
     # Secrets stay out of MLflow and out of the files written next to checkpoints.
@@ -171,6 +170,17 @@ def run(dcfg: DictConfig) -> Optional[float]:
         elif point is not None:
             tracker.set_tags({"resumed_from": str(point.path)})
 
+        # The heavy imports run while the tracking process opens the run.
+        import torch
+        import transformers
+
+        from cpo_exp import engine, models
+
+        quiet_progress_bars(cfg)
+        if cfg.hardware.num_threads is not None:
+            torch.set_num_threads(cfg.hardware.num_threads)
+        tracker.ready()  # an unusable store fails here, before any compute
+
         tokenizer = models.load_tokenizer(cfg.model)
         prepared = prepare(cfg, tokenizer, tracker)
         tokenized = {split: p.dataset for split, p in prepared.items()}
@@ -183,6 +193,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
                             "hardware.torch_threads": torch.get_num_threads()})
         checkpointer = checkpoint.Checkpointer(cfg.output_dir, cfg.train.save_steps, cfg.train.save_total_limit,
                                                flatten(public), tracker.run_id, point)
+        training = time.perf_counter()
         with interrupts.graceful_stop():
             result = engine.train(
                 model, tokenizer, tokenized["train"], tokenized.get("eval"), cfg.loss_spec(), cfg.train,
@@ -190,17 +201,15 @@ def run(dcfg: DictConfig) -> Optional[float]:
                 extra_eval=generation_eval(cfg, tokenizer, prepared.get("eval"), tracker),
                 checkpointer=checkpointer, engine=cfg.engine,
             )
+        times = RunTimes(composed - clock, training - composed,
+                         time.perf_counter() - training, result.step_seconds, result.eval_seconds)
         tracker.log_metrics({"train_seconds": result.train_seconds,
                              "train_tokens_per_second": result.tokens_per_second,
-                             "train_step_seconds": result.step_seconds, "eval_seconds": result.eval_seconds},
+                             "train_step_seconds": result.step_seconds, "eval_seconds": result.eval_seconds,
+                             "startup_seconds": times.startup, "outside_compute_fraction": times.outside_fraction},
                             result.global_step)
         log.info("done in %.1fs; outputs in %s", result.train_seconds, cfg.output_dir)
-        wall = time.perf_counter() - started
-        other = wall - result.step_seconds - result.eval_seconds
-        log.info("wall %.1fs after composition: train steps %.1fs (%.0f%%), eval %.1fs (%.0f%%), other "
-                 "(tracking, data, model load, batching, logging) %.1fs (%.0f%%)", wall, result.step_seconds,
-                 100 * result.step_seconds / wall, result.eval_seconds, 100 * result.eval_seconds / wall,
-                 other, 100 * other / wall)
+        log.info("%s", times.summary())
         log_file = Path(cfg.output_dir) / f"{hydra_cfg.job.name}.log"
         if log_file.is_file():
             tracker.log_artifact(str(log_file))
@@ -208,6 +217,37 @@ def run(dcfg: DictConfig) -> Optional[float]:
     if objective is None:
         log.warning("no eval split, so no objective %s to return to the sweeper", cfg.objective.metric)
     return objective
+
+
+@dataclasses.dataclass
+class RunTimes:
+    """Where a run's wall time went, from the import of cpo_exp to the end of training."""
+
+    imports: float  # Python, torch, Hydra, and composing the config
+    setup: float  # the rest of the start: tracking, the heavy imports, data, model
+    train: float  # engine.train: the loop, its evaluations, checkpoints, saving the model
+    steps: float  # forward, backward and optimizer steps
+    evals: float  # evaluation forwards
+
+    @property
+    def startup(self) -> float:
+        return self.imports + self.setup
+
+    @property
+    def wall(self) -> float:
+        return self.startup + self.train
+
+    @property
+    def outside_fraction(self) -> float:
+        return 1 - (self.steps + self.evals) / self.wall
+
+    def summary(self) -> str:
+        loop = self.train - self.steps - self.evals
+        return (f"wall {self.wall:.1f}s: forward/backward/optimizer steps {self.steps:.1f}s, eval forwards "
+                f"{self.evals:.1f}s; outside them {self.wall - self.steps - self.evals:.1f}s "
+                f"({100 * self.outside_fraction:.0f}%): start-up {self.startup:.1f}s (imports and config "
+                f"{self.imports:.1f}s; tracking, data, model {self.setup:.1f}s), in the loop {loop:.1f}s "
+                "(batching, logging, checkpoints, saving)")
 
 
 def quiet_progress_bars(cfg: Config) -> None:

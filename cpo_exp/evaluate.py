@@ -90,6 +90,7 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
         tags = {"evaluated_run_id": run_id or "", "output_dir": str(run_dir)}
         context = tracked_run(cfg.tracking, launch_dir, f"evaluate {run_dir.name}", tags)
     with context as tracker:
+        tracker.ready()
         # The original run already carries the data summary as params (which MLflow never overwrites).
         prepared = prepare(cfg, tokenizer, Tracker() if same_run else tracker)
         if "eval" not in prepared:

@@ -3,6 +3,10 @@
 The default store is ``sqlite:///<launch dir>/mlflow.db`` (MLflow >= 3.13 refuses a plain
 ``./mlruns`` file store); ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point it at a
 ``mlflow server`` instead. ``tracking.backend=none`` turns tracking off.
+
+MLflow itself runs in a process of its own (:mod:`cpo_exp.tracking_worker`): the run opens
+there while this process imports its libraries and reads its data, and no logging call ever
+waits for the store.
 """
 
 from __future__ import annotations
@@ -11,24 +15,26 @@ import contextlib
 import json
 import logging
 import os
+import queue
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Optional
-from urllib.parse import urlparse
 
 from cpo_exp.config import TrackingConfig
 from cpo_exp.interrupts import Stopped
+from cpo_exp.tracking_worker import TrackingError, check_reachable
+
+__all__ = ["TrackingError", "check_reachable", "Tracker", "WorkerTracker", "tracked_run", "reopened_run",
+           "tracking_uri", "flatten", "redact"]
 
 log = logging.getLogger(__name__)
-
-_MAX_PARAMS_PER_CALL = 100  # MLflow's batch limit
-_MAX_PARAM_CHARS = 6000
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message names it."""
 
 
 def tracking_uri(cfg: TrackingConfig, launch_dir: str) -> str:
@@ -38,22 +44,6 @@ def tracking_uri(cfg: TrackingConfig, launch_dir: str) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(launch_dir).resolve() / 'mlflow.db'}"
-
-
-def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
-    """Fail fast, before training, when a tracking server does not answer."""
-    scheme = urlparse(uri).scheme
-    if scheme not in ("http", "https"):
-        return
-    import requests
-
-    try:
-        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
-    except requests.RequestException as err:
-        raise TrackingError(
-            f"MLflow tracking server {uri} is not reachable ({type(err).__name__}). Start it, fix "
-            "MLFLOW_TRACKING_URI / tracking.tracking_uri, or run with tracking=none."
-        ) from None
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -100,6 +90,10 @@ class Tracker:
 
     run_id: Optional[str] = None
 
+    def ready(self) -> Optional[str]:
+        """Wait until the store has the run; raises :class:`TrackingError` if it cannot be used."""
+        return self.run_id
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
@@ -119,174 +113,230 @@ class Tracker:
         pass
 
 
-class MlflowTracker(Tracker):
-    def __init__(self, run_id: str):
-        import mlflow
-
-        self._mlflow = mlflow
-        self.run_id = run_id
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        # Asynchronous: a step never waits for the store; MLflow flushes when the run ends.
-        self._mlflow.log_metrics(metrics, step=step, synchronous=False)
-
-    def close(self) -> None:
-        """Nothing to send: the local store never goes away; MLflow flushes async metrics at run end."""
-
-    def log_params(self, params: Mapping[str, Any]) -> None:
-        items = [(k, str(v)[:_MAX_PARAM_CHARS]) for k, v in params.items()]
-        for start in range(0, len(items), _MAX_PARAMS_PER_CALL):
-            self._mlflow.log_params(dict(items[start:start + _MAX_PARAMS_PER_CALL]))
-
-    def set_tags(self, tags: Mapping[str, Any]) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
-
-    def log_artifacts(self, path: str, artifact_path: Optional[str] = None) -> None:
-        self._mlflow.log_artifacts(path, artifact_path)
-
-    def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
-        self._mlflow.log_artifact(path, artifact_path)
-
-    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
-        # MLflow appends to an existing table artifact of the same name.
-        self._mlflow.log_table(dict(data), artifact_file)
 
 
-@contextlib.contextmanager
-def reopened_run(uri: str, run_id: str) -> Iterator[Tracker]:
-    """Log more to an existing run (e.g. a later evaluation); it ends as FINISHED or FAILED again."""
-    import mlflow
+class WorkerTracker(Tracker):
+    """Tracking through :mod:`cpo_exp.tracking_worker`: each call is one JSON line to its stdin.
 
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        yield MlflowTracker(run_id)
-
-
-class ServerTracker(MlflowTracker):
-    """For a tracking *server*, which can go away mid-run: training must not stop, nor lose metrics.
-
-    Metrics are sent synchronously (one small request per logging step). When a send fails, the
-    rows stay in memory and in ``spill_file`` (so a crash does not lose them either), the user is
-    told once, and sending is retried every ``retry_s`` seconds; when the server is back, the
-    backlog goes first. At the end, :meth:`close` waits up to ``wait_s`` for the server.
+    A writer thread does the writing, so no call waits, not even for a full pipe. Files handed to
+    ``log_artifact(s)`` are copied first (a snapshot at call time: the caller may delete or
+    rewrite them). :meth:`ready` waits until the run is open and every call so far is applied.
+    If the worker dies, metrics from then on go to ``spill_file`` and :meth:`end` says so.
     """
 
-    retry_s = 10.0
+    def __init__(self, opening: Mapping[str, Any], wait_s: float):
+        self._spill_file = Path(opening["spill_file"]) if opening.get("spill_file") else None
+        self._wait_s = wait_s
+        self._proc = subprocess.Popen([sys.executable, "-m", "cpo_exp.tracking_worker"],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._outbox: queue.Queue = queue.Queue()
+        self._replies: queue.Queue = queue.Queue()
+        self._staging = Path(tempfile.mkdtemp(prefix="cpo_exp-artifacts-"))
+        self._staged = 0
+        self._run_id: Optional[str] = None
+        self._ended = False
+        # Metric calls not yet confirmed stored, by sequence number: if the worker dies, they
+        # (and every later one) go to the spill file instead of being lost with it.
+        self._unconfirmed: dict[int, dict] = {}
+        self._sequence = 0
+        self._gone = False
+        self._lock = threading.Lock()
+        self._lost = 0
+        threading.Thread(target=self._write, name="cpo_exp-tracking-writer", daemon=True).start()
+        threading.Thread(target=self._read, name="cpo_exp-tracking-reader", daemon=True).start()
+        self._send({"op": "open", **opening})
 
-    def __init__(self, run_id: str, spill_file: Optional[Path], wait_s: float):
-        super().__init__(run_id)
-        self._client = self._mlflow.MlflowClient()
-        self._pending: list[tuple[dict[str, float], int, int]] = []
-        self._spill_file, self._wait_s = spill_file, wait_s
-        self._down_since: Optional[float] = None
-        self._next_try = 0.0
+    # ------------------------------------------------------------------ the pipes
+
+    def _send(self, message: dict) -> None:
+        self._outbox.put(message)
+
+    def _write(self) -> None:
+        stdin = self._proc.stdin
+        while (message := self._outbox.get()) is not None:
+            try:
+                stdin.write(json.dumps(message).encode() + b"\n")
+                stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass  # the worker is gone; the reader keeps the unconfirmed metrics
+        try:
+            stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+
+    def _spill(self, messages: list[dict], mode: str) -> None:
+        """Metric calls the worker will never store, in its spill format (``mode`` "w" or "a")."""
+        self._lost += sum(len(m["metrics"]) for m in messages)
+        if self._spill_file is not None:
+            with self._spill_file.open(mode) as spill:
+                spill.writelines(json.dumps({k: m[k] for k in ("step", "timestamp", "metrics")}) + "\n"
+                                 for m in messages)
+
+    def _read(self) -> None:
+        for line in self._proc.stdout:
+            message = json.loads(line)
+            if "stored" in message:
+                with self._lock:
+                    for sequence in [n for n in self._unconfirmed if n <= message["stored"]]:
+                        del self._unconfirmed[sequence]
+            elif "log" in message:
+                log.log(logging.getLevelName(message["log"].upper()), "%s", message["message"])
+            else:
+                self._replies.put(message)
+        code = self._proc.wait()
+        with self._lock:
+            self._gone = True
+            if self._unconfirmed:  # a superset of what the worker itself had spilled: rewrite
+                self._spill(list(self._unconfirmed.values()), "w")
+                self._unconfirmed.clear()
+        if not self._ended:
+            log.error("the MLflow worker process exited (status %s) while the run was open; training goes on%s",
+                      code, f", metrics are kept in {self._spill_file}" if self._spill_file else "")
+        self._replies.put({"gone": code})
+
+    def _reply(self, timeout_s: float, waiting_for: str) -> dict:
+        try:
+            reply = self._replies.get(timeout=timeout_s)
+        except queue.Empty:
+            raise TrackingError(f"MLflow did not answer within {timeout_s:.0f}s ({waiting_for})") from None
+        if "gone" in reply:
+            self._replies.put(reply)  # every later wait sees it too
+            raise TrackingError(f"the MLflow worker process exited (status {reply['gone']}) before {waiting_for}")
+        return reply
+
+    # ------------------------------------------------------------------ the run
+
+    @property
+    def run_id(self) -> str:
+        """The run's id; waits for the run to be open."""
+        if self._run_id is None:
+            reply = self._reply(self._wait_s + 60, "the run was open")
+            if "error" in reply:
+                raise TrackingError(reply["error"])
+            self._run_id = reply["ready"]
+        return self._run_id
+
+    def ready(self) -> str:
+        """Wait until the run is open and every call so far is applied; raise if any failed."""
+        run_id = self.run_id
+        self._send({"op": "sync"})
+        errors = self._reply(self._wait_s + 60, "the first calls were logged")["errors"]
+        if errors:
+            raise TrackingError("MLflow: " + "; ".join(errors))
+        return run_id
+
+    def end(self, status: str, error: Optional[str] = None) -> None:
+        """End the run with ``status``; raise if anything could not be logged (after the run ended)."""
+        self._ended = True
+        self._send({"op": "end", "status": status, "error": error})
+        self._send(None)
+        errors: list[str] = []
+        try:
+            while True:  # replies to calls nobody waited for come first
+                reply = self._reply(self._wait_s + 60, "the run was ended")
+                if "ready" in reply:
+                    self._run_id = reply["ready"]
+                elif "error" in reply:  # the run never opened; the worker has stopped
+                    errors.append(reply["error"])
+                    break
+                elif "ended" in reply:
+                    errors += reply["errors"]
+                    break
+        except TrackingError as err:
+            errors.append(str(err))
+        finally:
+            try:
+                self._proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+            shutil.rmtree(self._staging, ignore_errors=True)
+        if self._lost:
+            errors.append(f"{self._lost} metric values could not be sent; they are in {self._spill_file}")
+        if errors:
+            raise TrackingError("MLflow: " + "; ".join(errors))
+
+    # ------------------------------------------------------------------ the calls
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        self._pending.append(({k: float(v) for k, v in metrics.items()}, step, int(time.time() * 1000)))
-        if self._down_since is None or time.monotonic() >= self._next_try:
-            self._send()
+        message = {"op": "metrics", "metrics": {k: float(v) for k, v in metrics.items()}, "step": step,
+                   "timestamp": int(time.time() * 1000)}
+        with self._lock:
+            if self._gone:
+                self._spill([message], "a")
+                return
+            self._sequence += 1
+            message["sequence"] = self._sequence
+            self._unconfirmed[self._sequence] = message
+        self._send(message)
 
-    def _send(self) -> bool:
-        from mlflow.entities import Metric
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        self._send({"op": "params", "params": {k: str(v) for k, v in params.items()}})
 
-        rows = [Metric(k, v, ts, step) for metrics, step, ts in self._pending for k, v in metrics.items()]
-        try:
-            for start in range(0, len(rows), 1000):  # MLflow's log_batch limit
-                self._client.log_batch(self.run_id, metrics=rows[start:start + 1000])
-        except Exception as err:  # noqa: BLE001 - any failure to reach the server is an outage
-            self._next_try = time.monotonic() + self.retry_s
-            if self._down_since is None:
-                self._down_since = time.monotonic()
-                log.warning("MLflow tracking server unreachable (%s); training goes on, metrics are kept%s and "
-                            "sent when it is back", type(err).__name__,
-                            f" (also in {self._spill_file})" if self._spill_file else "")
-            self._spill()
-            return False
-        if self._down_since is not None:
-            log.warning("MLflow tracking server is back after %.0fs: sent %d buffered metric rows",
-                        time.monotonic() - self._down_since, len(self._pending))
-            self._down_since = None
-        self._pending.clear()
-        if self._spill_file is not None and self._spill_file.exists():
-            self._spill_file.unlink()
-        return True
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        self._send({"op": "tags", "tags": {k: str(v) for k, v in tags.items()}})
 
-    def _spill(self) -> None:
-        if self._spill_file is not None:
-            self._spill_file.write_text("".join(json.dumps({"step": s, "timestamp": ts, "metrics": m}) + "\n"
-                                                for m, s, ts in self._pending))
+    def log_artifacts(self, path: str, artifact_path: Optional[str] = None) -> None:
+        staged = self._stage()
+        shutil.copytree(path, staged, dirs_exist_ok=True)
+        self._send({"op": "artifact", "path": str(staged), "artifact_path": artifact_path})
 
     def log_artifact(self, path: str, artifact_path: Optional[str] = None) -> None:
-        self.close()  # a server that is away gets its time to return first
-        super().log_artifact(path, artifact_path)
+        staged = self._stage() / Path(path).name
+        shutil.copy2(path, staged)
+        self._send({"op": "artifact", "path": str(staged), "artifact_path": artifact_path})
 
-    def close(self) -> None:
-        """Send what is left, waiting up to ``wait_s`` for a server that is away."""
-        if not self._pending:
-            return
-        deadline = time.monotonic() + self._wait_s
-        if self._down_since is not None:
-            log.warning("waiting up to %.0fs for the MLflow tracking server to send %d buffered metric rows",
-                        self._wait_s, len(self._pending))
-        while not self._send():
-            if time.monotonic() >= deadline:
-                raise TrackingError(f"MLflow tracking server still unreachable after {self._wait_s:.0f}s; "
-                                    f"the unsent metrics are in {self._spill_file}")
-            time.sleep(min(2.0, max(0.0, deadline - time.monotonic())))
+    def _stage(self) -> Path:
+        self._staged += 1
+        folder = self._staging / str(self._staged)
+        folder.mkdir()
+        return folder
+
+    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        self._send({"op": "table", "data": dict(data), "artifact_file": artifact_file})
 
 
 @contextlib.contextmanager
+def open_run(uri: str, experiment_name: Optional[str], run_name: Optional[str] = None,
+             tags: Optional[Mapping[str, Any]] = None, run_id: Optional[str] = None,
+             spill_dir: Optional[str] = None, parent_run_id: Optional[str] = None,
+             reconnect_timeout_s: float = 60.0) -> Iterator[WorkerTracker]:
+    """One run for the block: FINISHED on success, FAILED on an exception, KILLED on a signal."""
+    tracker = WorkerTracker(dict(
+        uri=uri, experiment_name=experiment_name, run_name=run_name,
+        # Tag values as strings: a REST store (mlflow server) rejects anything else, e.g. an int job_num.
+        tags={k: str(v) for k, v in (tags or {}).items()}, run_id=run_id, parent_run_id=parent_run_id,
+        spill_file=str(Path(spill_dir) / "unsent_metrics.jsonl") if spill_dir else None,
+        reconnect_timeout_s=reconnect_timeout_s, entry_point=sys.argv[0],
+    ), reconnect_timeout_s)
+    try:
+        yield tracker
+    except BaseException as err:
+        # MLflow marks any exception FAILED; a stop asked for by a signal is KILLED.
+        status = "KILLED" if isinstance(err, (Stopped, KeyboardInterrupt)) else "FAILED"
+        try:
+            tracker.end(status, f"{type(err).__name__}: {err}")
+        except TrackingError as tracking_err:
+            log.error("%s", tracking_err)  # the original exception is the one to report
+        raise
+    tracker.end("FINISHED")
+
+
 def tracked_run(
     cfg: TrackingConfig, launch_dir: str, run_name: str, tags: Optional[Mapping[str, Any]] = None,
     run_id: Optional[str] = None, spill_dir: Optional[str] = None, parent_run_id: Optional[str] = None,
-) -> Iterator[Tracker]:
-    """Open one run for the block: FINISHED on success, FAILED on an exception, KILLED on a signal.
+) -> contextlib.AbstractContextManager[Tracker]:
+    """The job's run in the configured store (:func:`open_run`), or a :class:`Tracker` that logs nothing.
 
-    ``run_id`` reopens an existing run (a resumed training continues its metrics there). The run
-    is always ended, so a crashed job never leaks into the next job of a multirun.
+    ``run_id`` reopens an existing run (a resumed training continues its metrics there);
     ``parent_run_id`` nests a new run under a sweep's parent run (see :mod:`cpo_exp.sweep`).
+    Call ``ready()`` before spending compute: it raises if the store cannot be used.
     """
     if cfg.backend == "none":
-        yield Tracker()
-        return
-    import mlflow
+        return contextlib.nullcontext(Tracker())
+    return open_run(tracking_uri(cfg, launch_dir), cfg.experiment_name, run_name, tags, run_id, spill_dir,
+                    parent_run_id, cfg.reconnect_timeout_s)
 
-    uri = tracking_uri(cfg, launch_dir)
-    check_reachable(uri)
-    remote = urlparse(uri).scheme in ("http", "https")
-    if remote:
-        # MLflow's default (7 retries, exponential backoff) would stall training for minutes per
-        # call while a server is away; ServerTracker retries on its own schedule instead.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    mlflow.set_tracking_uri(uri)
-    try:
-        experiment = mlflow.set_experiment(cfg.experiment_name)
-    except Exception as err:  # noqa: BLE001 - any store failure is reported with the URI
-        raise TrackingError(f"cannot open MLflow experiment {cfg.experiment_name!r} at {uri}: {err}") from err
-    log.info("MLflow: %s (experiment %r)", uri, cfg.experiment_name)
-    # Tag values as strings: a REST store (mlflow server) rejects anything else, e.g. an int job_num.
-    str_tags = {k: str(v) for k, v in (tags or {}).items()}
-    if run_id is not None:
-        try:
-            mlflow.get_run(run_id)
-        except Exception as err:  # noqa: BLE001 - a missing run is reported with the store
-            raise TrackingError(f"MLflow run {run_id} of the checkpoint is not in {uri}: {err}") from None
-        started = mlflow.start_run(run_id=run_id, tags=str_tags)
-    else:
-        started = mlflow.start_run(run_name=run_name, experiment_id=experiment.experiment_id, tags=str_tags,
-                                   parent_run_id=parent_run_id)
-    with started as run:
-        spill = Path(spill_dir) / "unsent_metrics.jsonl" if spill_dir else None
-        tracker = ServerTracker(run.info.run_id, spill, cfg.reconnect_timeout_s) if remote else MlflowTracker(
-            run.info.run_id)
-        try:
-            yield tracker
-            tracker.close()
-        except BaseException as err:
-            mlflow.set_tag("error", f"{type(err).__name__}: {err}"[:5000])
-            # MLflow marks any exception FAILED; a stop asked for by a signal is KILLED.
-            if isinstance(err, (Stopped, KeyboardInterrupt)):
-                mlflow.end_run("KILLED")
-            raise
+
+def reopened_run(uri: str, run_id: str) -> contextlib.AbstractContextManager[Tracker]:
+    """Log more to an existing run (e.g. a later evaluation); it ends as FINISHED or FAILED again."""
+    return open_run(uri, None, run_id=run_id)

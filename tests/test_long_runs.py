@@ -6,6 +6,7 @@ Every test drives the real CLI in a subprocess (real signals, a real MLflow stor
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -77,7 +78,11 @@ def test_run_killed_with_sigkill_and_resumed_ends_exactly_as_an_uninterrupted_ru
     proc.communicate()
     steps = checkpoint_steps(killed_dir)
     assert steps and steps[-1] < 40, f"the run was not interrupted (checkpoints {steps})"
-    assert runs_by_dir(workdir)["killed"].info.status == "RUNNING"  # SIGKILL leaves no chance to end it
+    # The trainer had no chance to end its run; the tracking process, left behind, ends it KILLED.
+    deadline = time.monotonic() + 60
+    while (killed := runs_by_dir(workdir)["killed"]).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert killed.info.status == "KILLED" and "ended without ending this run" in killed.data.tags["error"]
 
     resumed = run_cli(f"resume={killed_dir}", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -296,6 +301,42 @@ def test_tracking_server_outage_mid_run_loses_no_metrics(workdir):
             assert not (run_dir / "unsent_metrics.jsonl").exists()
         finally:
             server.stop()
+
+
+def child_pids(pid: int) -> dict[int, str]:
+    """The processes whose parent is ``pid``, with their command lines (Linux /proc)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                children[int(stat.parent.name)] = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue  # a process that ended meanwhile
+    return children
+
+
+@pytest.mark.slow
+def test_tracking_process_killed_mid_run_loses_neither_training_nor_metrics(workdir):
+    """MLflow runs in a child process; if it dies, training goes on, the metrics go to a file and
+    the exit status says so."""
+    run_dir = workdir / "outputs" / "orphan"
+    proc = start_cli("train.max_steps=30", "train.logging_steps=1", "train.save_steps=null", "train.eval_steps=null",
+                     "data.max_eval_samples=8", "hydra.run.dir=outputs/orphan", cwd=workdir)
+    log_file = run_dir / "cpo_exp.log"
+    wait_for(lambda: log_file.is_file() and "step 3/30" in log_file.read_text(), proc)
+    workers = [pid for pid, cmd in child_pids(proc.pid).items() if "cpo_exp.tracking_worker" in cmd]
+    assert len(workers) == 1
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr[-3000:]
+    assert "the MLflow worker process exited" in stderr and "training goes on" in stderr
+    assert (run_dir / "model" / "model.safetensors").is_file()  # the training was not lost
+    spilled = [json.loads(line) for line in (run_dir / "unsent_metrics.jsonl").read_text().splitlines()]
+    assert any(row["step"] == 30 and "loss" in row["metrics"] for row in spilled)
+    assert f"they are in {run_dir / 'unsent_metrics.jsonl'}" in stderr
+    logged = {m.step for m in store(workdir).get_metric_history(runs_by_dir(workdir)["orphan"].info.run_id, "loss")}
+    assert logged | {row["step"] for row in spilled if "loss" in row["metrics"]} == set(range(1, 31))
 
 
 @pytest.mark.slow
