@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import datasets
 import torch
 from accelerate import Accelerator, skip_first_batches
+from accelerate.state import AcceleratorState
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -307,7 +308,7 @@ def train(
     SIGINT/SIGTERM arrives (then :class:`cpo_exp.interrupts.Stopped` is raised); if it holds a
     resume point, training continues from there exactly as if never interrupted.
     """
-    accelerator = Accelerator(
+    accelerator = new_accelerator(
         mixed_precision=hardware.mixed_precision,
         cpu=hardware.cpu,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -466,6 +467,17 @@ def train(
             log.info("model saved to %s", target)
     accelerator.wait_for_everyone()
     return result
+
+
+def new_accelerator(**kwargs) -> Accelerator:
+    """An ``Accelerator`` with these settings, even if this process made one with others before.
+
+    accelerate keeps one process-wide state and refuses a second precision, so the second job of
+    a sequential sweep over ``hardware.mixed_precision`` (or a notebook's second run) would fail.
+    The process-level state (devices, process group) is kept.
+    """
+    AcceleratorState._reset_state(reset_partial_state=False)
+    return Accelerator(**kwargs)
 
 
 def _on_nonfinite(cfg: TrainConfig, step: int, grad_norm: float, result: TrainResult,

@@ -60,7 +60,6 @@ def last_step(uri: str, run_id: str) -> int:
 
 def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, float]:
     """Score the saved model of a finished run; returns the metrics it logged."""
-    from accelerate import Accelerator
     from torch.utils.data import DataLoader
 
     from cpo_exp import engine, models
@@ -96,7 +95,7 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
         if "eval" not in prepared:
             raise ConfigError("no eval split: give data.eval_files, data.eval_split or data.eval_fraction")
         model = models.load_model(cfg.model, tokenizer)
-        accelerator = Accelerator(mixed_precision=cfg.hardware.mixed_precision, cpu=cfg.hardware.cpu)
+        accelerator = engine.new_accelerator(mixed_precision=cfg.hardware.mixed_precision, cpu=cfg.hardware.cpu)
         loader = DataLoader(prepared["eval"].dataset, batch_size=cfg.train.per_device_eval_batch_size,
                             collate_fn=collator_for(model.config, tokenizer.pad_token_id))
         model, loader = accelerator.prepare(model, loader)

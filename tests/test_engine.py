@@ -149,3 +149,15 @@ def test_gradient_accumulation_counts_optimizer_steps(tokenizer, toy_rows, tmp_p
     result, logged = tiny_run(tokenizer, toy_rows, tmp_path, gradient_accumulation_steps=2)
     assert result.global_step == 4
     assert [s for s, m in logged if "loss" in m] == [2, 4]
+
+
+def test_one_process_can_train_twice_with_different_precisions(tokenizer, toy_rows, tmp_path):
+    """A sequential sweep over hardware.mixed_precision, or a notebook, trains in one process;
+    accelerate alone would refuse the second precision."""
+    data = tokenize_dataset(datasets.Dataset.from_list(toy_rows), tokenizer, SequenceLengths(), "train", "error")
+    cfg = TrainConfig(learning_rate=1e-3, per_device_train_batch_size=4, max_steps=1, logging_steps=1,
+                      progress_bar=False, save_model=False)
+    for precision in ("no", "bf16", "no"):
+        result = train(fresh_model(tokenizer), tokenizer, data, None, LossSpec("sigmoid"), cfg,
+                       HardwareConfig(cpu=True, mixed_precision=precision), str(tmp_path))
+        assert result.global_step == 1 and torch.isfinite(torch.tensor(result.train_metrics["loss"]))
