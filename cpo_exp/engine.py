@@ -118,8 +118,13 @@ def _body_and_head(model: torch.nn.Module):
         if getattr(config, key, None):
             raise ValueError(f"engine.logits=chunked does not support models with {key} "
                              f"({config.model_type}); use engine.logits=full")
-    head = model.get_output_embeddings()
-    return model.get_decoder(), head.weight, getattr(head, "bias", None)
+    return model.get_decoder(), model.get_output_embeddings()
+
+
+def _head_weights(head: torch.nn.Module):
+    """The head's weight and bias, read once the decoder stack has run: FSDP2 swaps its gathered
+    (unsharded) parameters into the modules only then, in the pre-forward of their group."""
+    return head.weight, getattr(head, "bias", None)
 
 
 def load_balancing_loss(model: torch.nn.Module) -> Callable:
@@ -179,10 +184,11 @@ def forward_pair_chunked(model, batch: dict[str, torch.Tensor], average: bool, c
     Logits exist only for completion positions, ``chunk_size`` rows at a time; the
     ``logits/*`` metrics (TRL's mean over the whole padded half) come from the hidden states.
     """
-    body, weight, bias = _body_and_head(model)
+    body, head = _body_and_head(model)
     outputs = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                    **_router_kwargs(model))
     hidden = outputs.last_hidden_state
+    weight, bias = _head_weights(head)
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1
     mask = labels != LABEL_PAD
     per_label = label_logps(hidden[:, :-1][mask], weight, labels[mask], bias, chunk_size)
@@ -199,10 +205,11 @@ def forward_pair_packed(model, batch: dict, average: bool, chunk_size: int) -> P
     ``logits/*`` here is the mean over the real tokens of each half (a packed batch has no
     padding positions, which TRL's figure includes; see README, Performance).
     """
-    body, weight, bias = _body_and_head(model)
+    body, head = _body_and_head(model)
     outputs = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
                    cpo_segments=batch["segments"], **_router_kwargs(model))
     hidden = outputs.last_hidden_state[0]
+    weight, bias = _head_weights(head)
     per_label = label_logps(hidden[batch["pred_index"]], weight, batch["pred_labels"], bias, chunk_size)
     pairs = batch["num_pairs"]
     direction, offset = mean_logit_direction(weight, bias)

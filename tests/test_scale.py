@@ -1,5 +1,6 @@
 """Scale through existing engines: hardware presets, accelerate launcher configs, 2 processes on CPU
-(gloo), the SLURM launcher preset, LoRA through peft, and the router loss of mixture-of-experts models."""
+(gloo: DDP through the CLI, FSDP2 with accelerate's composition), the SLURM launcher preset, LoRA
+through peft, and the router loss of mixture-of-experts models."""
 
 from __future__ import annotations
 
@@ -118,6 +119,27 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(workdir
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step-6").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
     assert not list(workdir.glob("outputs/2*"))  # no per-process timestamped dirs
+
+
+@pytest.mark.slow
+def test_lean_engine_under_fsdp2_gives_the_full_batch_gradients(tmp_path, toy_rows):
+    """The fused head reads lm_head's weight while FSDP2 has it gathered, and the hidden-state
+    forward runs inside the root's forward: 2 ranks on half the pairs each give one process's
+    gradients on all of them (see fsdp2_worker.py)."""
+    import json
+
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps(toy_rows))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(Path(__file__).parent / "fsdp2_worker.py"), str(rows)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert "FSDPQwen2DecoderLayer" in r["units"]  # auto-wrap found the decoder layers
+        assert r["grad_rel_diff"] < 1e-5 and r["generated"] == 6
 
 
 # --------------------------------------------------------------------------- PEFT and MoE
