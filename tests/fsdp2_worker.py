@@ -3,8 +3,8 @@
 Run by ``torch.distributed.run`` on 2 gloo processes on CPU. accelerate sets FSDP up only on
 GPUs, so its own ``fsdp2_prepare_model`` (auto-wrap by ``_no_split_modules``, embedding and
 tail units, root) is called with a stand-in for the accelerator. Each rank trains on its half
-of the pairs; it prints, as JSON, how far its gathered gradients are from one process's on
-all pairs, and whether generation (through the root's forward) still runs.
+of the pairs; it writes to ``rank-<r>.json`` how far its gathered gradients are from one
+process's on all pairs, and whether generation (through the root's forward) still runs.
 """
 
 import json
@@ -64,7 +64,8 @@ def main() -> None:
         generated = model.generate(input_ids=torch.tensor([[0, 5, 6]]), max_new_tokens=3, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id)
     sharded = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.startswith("FSDP")})
-    print(json.dumps({"rank": rank, "grad_rel_diff": worst, "generated": generated.shape[1], "units": sharded}))
+    result = {"rank": rank, "grad_rel_diff": worst, "generated": generated.shape[1], "units": sharded}
+    Path(f"rank-{rank}.json").write_text(json.dumps(result))  # one file each: stdout lines of ranks interleave
     dist.destroy_process_group()
 
 
