@@ -9,12 +9,14 @@ accumulation, and (later) spreads the work over processes.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import MethodType
 from typing import Callable, Optional
 
 import datasets
@@ -30,7 +32,7 @@ from cpo_exp import interrupts
 from cpo_exp.checkpoint import Checkpointer, Position
 from cpo_exp.config import EngineConfig, HardwareConfig, TrainConfig
 from cpo_exp.data import LABEL_PAD, collator_for
-from cpo_exp.logprobs import label_logps, mean_logit, mean_logit_direction
+from cpo_exp.logprobs import DEFAULT_CHUNK_SIZE, label_logps, mean_logit, mean_logit_direction
 from cpo_exp.losses import LossSpec, preference_loss, total_loss
 from cpo_exp.metrics import EVAL_PREFIX, MetricWindow, pair_metrics
 from cpo_exp.models import disable_dropout
@@ -112,20 +114,56 @@ def forward_pair(model: torch.nn.Module, batch: dict[str, torch.Tensor], average
 
 def _body_and_head(model: torch.nn.Module):
     """The decoder stack and the output projection of a causal LM, for the hidden-state paths."""
-    if hasattr(model, "module"):
-        # Calling a wrapped (DDP/FSDP) model's submodules would bypass its gradient hooks.
-        raise ValueError("engine.logits=chunked runs on one process for now; use engine.logits=full "
-                         f"with {type(model).__name__}")
     config = model.config
     for key in ("final_logit_softcapping", "logit_scale"):
         if getattr(config, key, None):
             raise ValueError(f"engine.logits=chunked does not support models with {key} "
                              f"({config.model_type}); use engine.logits=full")
-    head = model.get_output_embeddings()
-    return model.get_decoder(), head.weight, getattr(head, "bias", None)
+    return model.get_decoder(), model.get_output_embeddings()
 
 
-def _from_label_logps(per_label, seq, sequences, average, chosen_logits_mean, rejected_logits_mean):
+def _head_weights(head: torch.nn.Module):
+    """The head's weight and bias, read once the decoder stack has run: FSDP2 swaps its gathered
+    (unsharded) parameters into the modules only then, in the pre-forward of their group."""
+    return head.weight, getattr(head, "bias", None)
+
+
+def load_balancing_loss(model: torch.nn.Module) -> Callable:
+    """The router load-balancing loss function of ``model``'s own modeling module (Switch
+    Transformer's, as each mixture-of-experts ``*ForCausalLM.forward`` of transformers calls it),
+    or a ValueError naming the model when it has none with the usual signature."""
+    module = sys.modules[type(model.get_decoder()).__module__]
+    loss_fn = getattr(module, "load_balancing_loss_func", None)
+    usual = ["gate_logits", "num_experts", "top_k", "attention_mask"]
+    if (loss_fn is None or list(inspect.signature(loss_fn).parameters) != usual
+            or not hasattr(model, "num_experts") or not hasattr(model, "num_experts_per_tok")):
+        raise ValueError(f"engine.logits=chunked cannot reproduce the router aux loss of {type(model).__name__} "
+                         f"({module.__name__} has no load_balancing_loss_func{tuple(usual)} for it); "
+                         "use engine=plain, or set the model config's output_router_logits=false")
+    return loss_fn
+
+
+def _router_kwargs(model) -> dict:
+    """``output_router_logits=True`` for the decoder stack of a model whose forward adds a router loss."""
+    return {"output_router_logits": True} if getattr(model.config, "output_router_logits", False) else {}
+
+
+def _router_aux_loss(model, outputs, token_weights: torch.Tensor) -> Optional[torch.Tensor]:
+    """The router loss of ``outputs`` (the decoder stack's) as the model's own forward computes it.
+
+    ``token_weights`` (one per position of ``outputs``) counts each position as often as the
+    plain path sees it: the attention mask of a padded batch (padding: 0), and in a packed row
+    the number of sequences holding the token (2 for a shared prompt's). The loss function sums
+    masked counts and probabilities, so these weights give exactly the plain path's value.
+    """
+    if not _router_kwargs(model):
+        return None
+    return load_balancing_loss(model)(outputs.router_logits, model.num_experts, model.num_experts_per_tok,
+                                      token_weights)
+
+
+def _from_label_logps(per_label, seq, sequences, average, chosen_logits_mean, rejected_logits_mean,
+                      aux_loss=None):
     """Per-sequence sums (or means), and TRL's NLL over the chosen half, from flat label log-probs."""
     sums = per_label.new_zeros(sequences).index_add(0, seq, per_label)
     counts = torch.bincount(seq, minlength=sequences)
@@ -137,6 +175,7 @@ def _from_label_logps(per_label, seq, sequences, average, chosen_logits_mean, re
         nll_loss=-sums[:half].sum() / counts[:half].sum(),
         chosen_logits_mean=chosen_logits_mean,
         rejected_logits_mean=rejected_logits_mean,
+        aux_loss=aux_loss,
     )
 
 
@@ -146,16 +185,19 @@ def forward_pair_chunked(model, batch: dict[str, torch.Tensor], average: bool, c
     Logits exist only for completion positions, ``chunk_size`` rows at a time; the
     ``logits/*`` metrics (TRL's mean over the whole padded half) come from the hidden states.
     """
-    body, weight, bias = _body_and_head(model)
-    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                  use_cache=False).last_hidden_state
+    body, head = _body_and_head(model)
+    outputs = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                   **_router_kwargs(model))
+    hidden = outputs.last_hidden_state
+    weight, bias = _head_weights(head)
     labels = batch["labels"][:, 1:]  # position t predicts token t + 1
     mask = labels != LABEL_PAD
     per_label = label_logps(hidden[:, :-1][mask], weight, labels[mask], bias, chunk_size)
     half = hidden.shape[0] // 2
     direction = mean_logit_direction(weight, bias)
     return _from_label_logps(per_label, mask.nonzero()[:, 0], hidden.shape[0], average,
-                             mean_logit(hidden[:half], direction), mean_logit(hidden[half:], direction))
+                             mean_logit(hidden[:half], direction), mean_logit(hidden[half:], direction),
+                             _router_aux_loss(model, outputs, batch["attention_mask"]))
 
 
 def forward_pair_packed(model, batch: dict, average: bool, chunk_size: int) -> PairOutput:
@@ -164,27 +206,62 @@ def forward_pair_packed(model, batch: dict, average: bool, chunk_size: int) -> P
     ``logits/*`` here is the mean over the real tokens of each half (a packed batch has no
     padding positions, which TRL's figure includes; see README, Performance).
     """
-    body, weight, bias = _body_and_head(model)
-    hidden = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                  cpo_segments=batch["segments"]).last_hidden_state[0]
+    body, head = _body_and_head(model)
+    outputs = body(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                   cpo_segments=batch["segments"], **_router_kwargs(model))
+    hidden = outputs.last_hidden_state[0]
+    weight, bias = _head_weights(head)
     per_label = label_logps(hidden[batch["pred_index"]], weight, batch["pred_labels"], bias, chunk_size)
     pairs = batch["num_pairs"]
     direction, offset = mean_logit_direction(weight, bias)
     token_means = (hidden.detach().float() @ direction)[batch["token_index"]]
     chosen = batch["token_seq"] < pairs
+    sequences_per_token = torch.bincount(batch["token_index"], minlength=hidden.shape[0])[None]
     return _from_label_logps(per_label, batch["pred_seq"], 2 * pairs, average,
-                             token_means[chosen].mean() + offset, token_means[~chosen].mean() + offset)
+                             token_means[chosen].mean() + offset, token_means[~chosen].mean() + offset,
+                             _router_aux_loss(model, outputs, sequences_per_token))
+
+
+ROUTED = "cpo_routes_pairs"
+
+
+def route_pairs(model: torch.nn.Module) -> None:
+    """Let ``model(cpo_pairs=batch, ...)`` run a hidden-state pair forward, as a call of the model.
+
+    Under DDP, FSDP or DeepSpeed only a call of the prepared model runs the wrapper's forward
+    (DDP's gradient-sync bookkeeping, FSDP's parameter gathering); calling the decoder stack
+    directly bypasses it (under DDP each rank then keeps the gradient of its own share of the
+    batch). So the hidden-state paths enter through the model's own call, and
+    the model stays what accelerate prepares, checkpoints and saves (same state dict, same
+    FSDP units). Calls without ``cpo_pairs`` (generation, a plain forward) reach the model's
+    own forward unchanged.
+    """
+    if getattr(model, ROUTED, False):
+        return
+    own_forward = model.forward
+
+    def forward(self, *args, cpo_pairs=None, average=False, packed=False, chunk_size=DEFAULT_CHUNK_SIZE,
+                **kwargs):
+        if cpo_pairs is None:
+            return own_forward(*args, **kwargs)
+        run = forward_pair_packed if packed else forward_pair_chunked
+        return vars(run(self, cpo_pairs, average, chunk_size))  # a dict: the wrappers find its tensors
+
+    model.forward = MethodType(forward, model)  # a bound method, as accelerate's mixed precision expects
+    setattr(model, ROUTED, True)
 
 
 def pair_forward(model, batch, average: bool, engine: EngineConfig) -> PairOutput:
     """The pair forward that ``engine`` selects; every choice gives the same numbers."""
-    if "decoder_input_ids" in batch:  # encoder-decoders take the plain path (see check_engine)
+    if "decoder_input_ids" in batch or engine.logits == "full":  # encoder-decoders: plain (see check_engine)
         return forward_pair(model, batch, average)
-    if engine.packing:
-        return forward_pair_packed(model, batch, average, engine.logits_chunk_size)
-    if engine.logits == "chunked":
-        return forward_pair_chunked(model, batch, average, engine.logits_chunk_size)
-    return forward_pair(model, batch, average)
+    # DDP and DeepSpeed hold the prepared model as ``.module``; FSDP2 shards it in place.
+    if getattr(getattr(model, "module", model), ROUTED, False):
+        return PairOutput(**model(cpo_pairs=batch, average=average, packed=engine.packing,
+                                  chunk_size=engine.logits_chunk_size))
+    # A bare model (the benchmark, tests): no wrapper to go through.
+    run = forward_pair_packed if engine.packing else forward_pair_chunked
+    return run(model, batch, average, engine.logits_chunk_size)
 
 
 def pair_collator(model_config, tokenizer, engine: EngineConfig):
@@ -194,16 +271,20 @@ def pair_collator(model_config, tokenizer, engine: EngineConfig):
     return collator_for(model_config, tokenizer.pad_token_id)
 
 
-def check_engine(model: torch.nn.Module, engine: EngineConfig, aux_loss_coef: float) -> None:
-    """The hidden-state paths run a causal LM's decoder stack directly: refuse what they cannot do."""
-    if not (engine.packing or engine.logits == "chunked"):
+def check_engine(model: torch.nn.Module, engine: EngineConfig, zero3: bool = False) -> None:
+    """The hidden-state paths run a causal LM's decoder stack and head: refuse what they cannot do."""
+    if engine.logits == "full":
         return
     if model.config.is_encoder_decoder:
         raise ValueError("engine.logits=chunked and engine.packing support causal LMs only; "
                          "use engine=plain for an encoder-decoder")
-    if aux_loss_coef:
-        raise ValueError("engine.logits=chunked and engine.packing would drop the router aux loss of this "
-                         "mixture-of-experts model; use engine=plain")
+    if zero3:
+        # ZeRO-3 gathers a weight only inside its own module's forward; the fused head reads lm_head's outside it.
+        raise ValueError("engine.logits=chunked does not run under DeepSpeed ZeRO-3 (the head weight stays "
+                         "partitioned); use engine=plain, or hardware=deepspeed_zero2 or fsdp")
+    _body_and_head(model)  # refuses a head that is more than a linear projection (softcapping, scaling)
+    if _router_kwargs(model):
+        load_balancing_loss(model)  # refuses, by name, a router loss it cannot reproduce
 
 
 def pair_loss(model, batch, spec: LossSpec, aux_loss_coef: float = 0.0,
@@ -318,7 +399,9 @@ def train(
     aux_coef = router_aux_loss_coef(model)
     if cfg.disable_dropout:
         disable_dropout(model)
-    check_engine(model, engine, aux_coef)
+    check_engine(model, engine, zero3=getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3)
+    if engine.logits == "chunked":
+        route_pairs(model)
     collate = pair_collator(model.config, tokenizer, engine)
     attn_implementation = model.config._attn_implementation
     if engine.packing:
@@ -397,7 +480,7 @@ def train(
             update = True
             started = time.perf_counter()
             with accelerator.accumulate(model):
-                with accelerator.autocast():  # the hidden-state paths bypass the model's own forward
+                with accelerator.autocast():  # the whole step, not only the model call
                     loss, metrics = pair_loss(model, batch, spec, aux_coef, engine)
                 accelerator.backward(loss)
                 finite = finite & torch.isfinite(loss.detach())

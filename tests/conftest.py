@@ -50,3 +50,21 @@ def toy_rows() -> list[dict]:
         {"prompt": "Translate English to German.\nEnglish: the woman reads\nGerman:",
          "chosen": " die Frau liest", "rejected": " die Frau schreibt"},
     ]
+
+
+def tiny_moe(tmp_path: Path) -> Path:
+    """A 2-layer Qwen2-MoE with 4 experts and router logits on, next to the embedded tokenizer."""
+    import shutil
+
+    from transformers import Qwen2MoeConfig
+
+    from cpo_exp.assets import locate
+
+    folder = tmp_path / "tiny_moe"
+    Qwen2MoeConfig(vocab_size=929, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                   shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, output_router_logits=True,
+                   router_aux_loss_coef=0.5, bos_token_id=0, eos_token_id=1, pad_token_id=2).save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(Path(locate("pkg://cpo_exp/assets/tiny_qwen2")) / name, folder / name)
+    return folder

@@ -8,11 +8,13 @@ import torch
 
 from cpo_exp.config import Config, ConfigError, EngineConfig, HardwareConfig, ModelConfig, TrainConfig, validate
 from cpo_exp.data import LABEL_PAD, PreferenceCollator, SequenceLengths, tokenize_dataset, tokenize_row
-from cpo_exp.engine import forward_pair, pair_collator, pair_loss, train
+from cpo_exp.engine import check_engine, forward_pair, pair_collator, pair_loss, train
 from cpo_exp.logprobs import label_logps, mean_logit, mean_logit_direction
 from cpo_exp.losses import LossSpec
 from cpo_exp.models import load_model, load_tokenizer
 from cpo_exp.packing import SEGMENT_ATTENTION, PackingCollator
+
+from conftest import tiny_moe
 
 TINY = ModelConfig(name_or_path="pkg://cpo_exp/assets/tiny_qwen2", random_init=True)
 CHUNKED = EngineConfig(logits="chunked", logits_chunk_size=5)  # several chunks even on the toy rows
@@ -31,19 +33,32 @@ def encoded(tokenizer, toy_rows):
     return [tokenize_row(r, tokenizer, SequenceLengths()) for r in rows]
 
 
-def model_for(tokenizer, engine: EngineConfig):
+def model_for(tokenizer, engine: EngineConfig, model_cfg: ModelConfig = TINY):
     torch.manual_seed(0)
-    model = load_model(TINY, tokenizer)
+    model = load_model(model_cfg, tokenizer)
     if engine.packing:
         model.set_attn_implementation(SEGMENT_ATTENTION)
     return model
 
 
-def loss_metrics_grads(tokenizer, encoded, spec, engine):
-    model = model_for(tokenizer, engine)
-    loss, metrics = pair_loss(model, pair_collator(model.config, tokenizer, engine)(encoded), spec, engine=engine)
+def loss_metrics_grads(tokenizer, encoded, spec, engine, model_cfg: ModelConfig = TINY, aux_loss_coef: float = 0.0):
+    model = model_for(tokenizer, engine, model_cfg)
+    batch = pair_collator(model.config, tokenizer, engine)(encoded)
+    loss, metrics = pair_loss(model, batch, spec, aux_loss_coef, engine=engine)
     loss.backward()
     return loss, metrics, {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_same_numbers(got, expected, packed: bool):
+    """Loss, metrics (but ``logits/*`` of a packed batch, see the test below) and gradients."""
+    (loss, metrics, grads), (plain_loss, plain_metrics, plain_grads) = got, expected
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    for name, value in plain_metrics.items():
+        if packed and name.startswith("logits/"):
+            continue  # a packed batch has no padding positions
+        torch.testing.assert_close(metrics[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 # --------------------------------------------------------------------------- the fused head
@@ -107,15 +122,23 @@ SPECS = [LossSpec("sigmoid", beta=0.1, cpo_alpha=1.0), LossSpec("simpo", beta=2.
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.name)
 @pytest.mark.parametrize("engine", [CHUNKED, PACKED, SHARED], ids=["chunked", "packed", "shared_prompt"])
 def test_switch_gives_the_plain_loss_metrics_and_gradients(spec, engine, tokenizer, encoded):
-    loss, metrics, grads = loss_metrics_grads(tokenizer, encoded, spec, engine)
-    plain_loss, plain_metrics, plain_grads = loss_metrics_grads(tokenizer, encoded, spec, EngineConfig())
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
-    for name, value in plain_metrics.items():
-        if engine.packing and name.startswith("logits/"):
-            continue  # a packed batch has no padding positions; see the next test
-        torch.testing.assert_close(metrics[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_numbers(loss_metrics_grads(tokenizer, encoded, spec, engine),
+                        loss_metrics_grads(tokenizer, encoded, spec, EngineConfig()), engine.packing)
+
+
+@pytest.fixture(scope="module")
+def tiny_moe_cfg(tmp_path_factory):
+    return ModelConfig(name_or_path=str(tiny_moe(tmp_path_factory.mktemp("moe"))), random_init=True)
+
+
+@pytest.mark.parametrize("engine", [CHUNKED, PACKED, SHARED], ids=["chunked", "packed", "shared_prompt"])
+def test_switch_adds_the_plain_router_loss_of_a_mixture_of_experts(engine, tokenizer, encoded, tiny_moe_cfg):
+    """The padded batch's router loss excludes padding; the packed row weighs a shared prompt twice."""
+    spec = LossSpec("sigmoid", beta=0.1, cpo_alpha=1.0)
+    got = loss_metrics_grads(tokenizer, encoded, spec, engine, tiny_moe_cfg, aux_loss_coef=0.5)
+    expected = loss_metrics_grads(tokenizer, encoded, spec, EngineConfig(), tiny_moe_cfg, aux_loss_coef=0.5)
+    assert expected[1]["aux_loss"] > 0
+    assert_same_numbers(got, expected, engine.packing)
 
 
 @pytest.mark.parametrize("engine", [PACKED, SHARED], ids=["packed", "shared_prompt"])
@@ -166,3 +189,21 @@ def test_impossible_engine_switches_are_named(engine, key):
     cfg.data.train_files = ["x.jsonl"]
     with pytest.raises(ConfigError, match=key):
         validate(cfg)
+
+
+def test_models_the_hidden_state_paths_cannot_compute_exactly_are_named_before_training(tokenizer):
+    t5 = ModelConfig(name_or_path="pkg://cpo_exp/assets/tiny_t5", tokenizer=TINY.name_or_path, random_init=True)
+    with pytest.raises(ValueError, match="causal LMs only; use engine=plain for an encoder-decoder"):
+        check_engine(load_model(t5, tokenizer), CHUNKED)
+    model = load_model(TINY, tokenizer)
+    check_engine(model, SHARED)
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
+        check_engine(model, CHUNKED, zero3=True)
+    check_engine(model, EngineConfig(), zero3=True)  # the plain path runs anywhere
+    model.config.final_logit_softcapping = 30.0
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        check_engine(model, CHUNKED)
+    model.config.final_logit_softcapping = None
+    model.config.output_router_logits = True  # a router loss that modeling_qwen2 has no function for
+    with pytest.raises(ValueError, match="router aux loss of Qwen2ForCausalLM"):
+        check_engine(model, PACKED)

@@ -1,5 +1,6 @@
 """Scale through existing engines: hardware presets, accelerate launcher configs, 2 processes on CPU
-(gloo), the SLURM launcher preset, LoRA through peft, and the router loss of mixture-of-experts models."""
+(gloo: DDP through the CLI, FSDP2 with accelerate's composition), the SLURM launcher preset, LoRA
+through peft, and the router loss of mixture-of-experts models."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from cpo_exp.cli import check_launcher, check_shared_run_dir, config_dir
 from cpo_exp.config import Config, ConfigError, validate
 from cpo_exp.launch import PRESETS, config_file
 
-from conftest import run_cli
+from conftest import run_cli, tiny_moe
 
 
 def compose_config(overrides: list[str], hydra: bool = False):
@@ -84,26 +85,30 @@ def accelerate_launch_2(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(workdir):
-    """Also across a resume: the 2-process run loses its last checkpoint and continues from step 3."""
+@pytest.mark.parametrize("engine", ["plain", "lean"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(workdir, engine):
+    """Also across a resume: the 2-process run loses its last checkpoint and continues from step 3.
+
+    ``grad_norm`` (rank 0's) equals the one process's only if DDP all-reduced the gradients, which
+    with ``engine=lean`` needs the packed hidden-state forward to run through DDP's forward."""
     import shutil
 
     two = accelerate_launch_2("hardware=ddp", "hardware.cpu=true", "hardware.mixed_precision=no",
                               "train.per_device_train_batch_size=4", "train.per_device_eval_batch_size=4",
-                              *EQUAL_BATCH, "hydra.run.dir=outputs/two", cwd=workdir)
+                              *EQUAL_BATCH, f"engine={engine}", "hydra.run.dir=outputs/two", cwd=workdir)
     assert two.returncode == 0, two.stderr[-3000:]
     shutil.rmtree(workdir / "outputs" / "two" / "checkpoints" / "step-6")
     resumed = accelerate_launch_2(f"resume={workdir / 'outputs' / 'two'}", cwd=workdir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step-3 at step 3" in resumed.stderr
-    one = run_cli(*EQUAL_BATCH, "hydra.run.dir=outputs/one", cwd=workdir)
+    one = run_cli(*EQUAL_BATCH, f"engine={engine}", "hydra.run.dir=outputs/one", cwd=workdir)
     assert one.returncode == 0, one.stderr[-3000:]
 
     client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
     runs = {Path(r.data.tags["output_dir"]).name: r
             for r in client.search_runs([client.get_experiment_by_name("cpo_exp").experiment_id])}
     assert sorted(runs) == ["one", "two"]  # rank 1 never opened a run
-    for name in ("loss", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
+    for name in ("loss", "grad_norm", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected",
                  "eval_loss", "eval_rewards/margins", "eval_logps/chosen"):
         got = {m.step: m.value for m in sorted(client.get_metric_history(runs["two"].info.run_id, name),
                                                key=lambda m: m.timestamp)}  # the resumed values last
@@ -114,6 +119,27 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(workdir
     assert sorted(p.name for p in (run_dir / "checkpoints" / "step-6").glob("random_states_*")) == [
         "random_states_0.pkl", "random_states_1.pkl"]
     assert not list(workdir.glob("outputs/2*"))  # no per-process timestamped dirs
+
+
+@pytest.mark.slow
+def test_lean_engine_under_fsdp2_gives_the_full_batch_gradients(tmp_path, toy_rows):
+    """The fused head reads lm_head's weight while FSDP2 has it gathered, and the hidden-state
+    forward runs inside the root's forward: 2 ranks on half the pairs each give one process's
+    gradients on all of them (see fsdp2_worker.py)."""
+    import json
+
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps(toy_rows))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(Path(__file__).parent / "fsdp2_worker.py"), str(rows)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("rank-*.json"))]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for r in ranks:
+        assert "FSDPQwen2DecoderLayer" in r["units"]  # auto-wrap found the decoder layers
+        assert r["grad_rel_diff"] < 1e-5 and r["generated"] == 6
 
 
 # --------------------------------------------------------------------------- PEFT and MoE
@@ -131,24 +157,6 @@ def test_lora_trains_adapters_only_and_saves_the_adapter(workdir):
     run = client.search_runs([client.get_experiment_by_name("cpo_exp").experiment_id])[0]
     trainable, total = int(run.data.params["model.trainable_parameters"]), int(run.data.params["model.num_parameters"])
     assert 0 < trainable < total / 10
-
-
-def tiny_moe(tmp_path: Path) -> Path:
-    """A 2-layer Qwen2-MoE with 4 experts and router logits on, next to the embedded tokenizer."""
-    import shutil
-
-    from transformers import Qwen2MoeConfig
-
-    from cpo_exp.assets import locate
-
-    folder = tmp_path / "tiny_moe"
-    Qwen2MoeConfig(vocab_size=929, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                   shared_expert_intermediate_size=32, num_experts=4, num_experts_per_tok=2, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, output_router_logits=True,
-                   router_aux_loss_coef=0.5, bos_token_id=0, eos_token_id=1, pad_token_id=2).save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(locate("pkg://cpo_exp/assets/tiny_qwen2")) / name, folder / name)
-    return folder
 
 
 def test_moe_router_loss_is_added_with_its_coefficient_and_logged(tmp_path, toy_rows):
