@@ -41,6 +41,18 @@ def test_distributed_presets_pair_with_an_accelerate_config_that_accelerate_read
     assert set(PRESETS) == {"ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"}
 
 
+def test_the_launch_command_in_the_error_message_prints_the_config_path():
+    """The command that the launcher error (below) and the README tell users to type."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", "cpo_exp.launch", "fsdp"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == config_file("fsdp") and config_file("fsdp").is_file()
+    wrong = subprocess.run([sys.executable, "-m", "cpo_exp.launch", "fsdp3"], capture_output=True, text=True)
+    assert wrong.returncode == 1 and "no accelerate config for hardware=fsdp3" in wrong.stderr
+
+
 def test_fsdp_and_deepspeed_without_their_launcher_fail_before_training():
     with pytest.raises(ConfigError, match=r"accelerate launch --config_file \$\(python -m cpo_exp.launch fsdp\)"):
         check_launcher("fsdp", {})

@@ -14,9 +14,3 @@ def config_file(preset: str) -> Path:
     if preset not in PRESETS:
         raise ValueError(f"no accelerate config for hardware={preset}; one of {', '.join(PRESETS)}")
     return Path(__file__).resolve().parent / f"{preset}.yaml"
-
-
-if __name__ == "__main__":  # python -m cpo_exp.launch fsdp -> the path, for shell substitution
-    import sys
-
-    print(config_file(sys.argv[1] if len(sys.argv) > 1 else "ddp"))
