@@ -7,6 +7,7 @@ check the data, tokenize, then (only then) load the model and train.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -49,6 +50,8 @@ OmegaConf.register_new_resolver("cpo_exp.if_resume", lambda resume, then, other:
 
 # Where the first run of this process starts its wall clock (see RunTimes).
 _clock: Optional[float] = cpo_exp.IMPORTED_AT
+# Whether this process ran one job outside a multirun (see entry).
+_single_run_done = False
 
 
 def run_name(overrides: list[str]) -> str:
@@ -111,7 +114,7 @@ def check_launcher(distributed: str, env: dict) -> None:
 
 def run(dcfg: DictConfig) -> Optional[float]:
     """One job: everything after composition. Returns the objective's final eval value (for sweepers)."""
-    global _clock
+    global _clock, _single_run_done
     composed = time.perf_counter()
     # A multirun's later jobs in this process imported nothing: their clock starts at composition.
     clock, _clock = _clock if _clock is not None else composed, None
@@ -213,6 +216,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
         log_file = Path(cfg.output_dir) / f"{hydra_cfg.job.name}.log"
         if log_file.is_file():
             tracker.log_artifact(str(log_file))
+    _single_run_done = hydra_cfg.mode == RunMode.RUN
     objective = result.eval_metrics.get(cfg.objective.metric)
     if objective is None:
         log.warning("no eval split, so no objective %s to return to the sweeper", cfg.objective.metric)
@@ -227,7 +231,7 @@ class RunTimes:
     setup: float  # the rest of the start: tracking, the heavy imports, data, model
     train: float  # engine.train: the loop, its evaluations, checkpoints, saving the model
     steps: float  # forward, backward and optimizer steps
-    evals: float  # evaluation forwards
+    evals: float  # evaluations: their forwards, and generation when eval.generate is on
 
     @property
     def startup(self) -> float:
@@ -243,7 +247,7 @@ class RunTimes:
 
     def summary(self) -> str:
         loop = self.train - self.steps - self.evals
-        return (f"wall {self.wall:.1f}s: forward/backward/optimizer steps {self.steps:.1f}s, eval forwards "
+        return (f"wall {self.wall:.1f}s: forward/backward/optimizer steps {self.steps:.1f}s, evaluations "
                 f"{self.evals:.1f}s; outside them {self.wall - self.steps - self.evals:.1f}s "
                 f"({100 * self.outside_fraction:.0f}%): start-up {self.startup:.1f}s (imports and config "
                 f"{self.imports:.1f}s; tracking, data, model {self.setup:.1f}s), in the loop {loop:.1f}s "
@@ -328,19 +332,21 @@ def entry() -> None:
     """``python -m cpo_exp`` and ``cpo-exp``: :func:`main`, then exit without the interpreter's teardown.
 
     By then every file is written and closed and the MLflow run is ended; dismantling the
-    module graph of torch and transformers would only add a second to every run.
+    module graph of torch and transformers would only add a second to every run. Only after a
+    single run in one process: a multirun's launcher (joblib's worker processes) and
+    torch.distributed must be shut down the ordinary way.
     """
     try:
         main()
         code = 0
     except SystemExit as err:
         code = err.code
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # torch.distributed shuts down its own way
+    if not _single_run_done or int(os.environ.get("WORLD_SIZE", 1)) > 1:
         sys.exit(code)
     if code is not None and not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1
-    logging.shutdown()
+    atexit._run_exitfuncs()  # logging's shutdown is one of them
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code or 0)
