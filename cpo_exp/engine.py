@@ -327,7 +327,8 @@ class TrainResult:
     eval_history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     train_seconds: float = 0.0
     tokens_per_second: float = 0.0
-    # Wall time inside forward/backward/optimizer steps (train) and eval passes; on a GPU these
+    # Wall time inside forward/backward/optimizer steps (train) and evaluations (their forwards and
+    # any generation, ``extra_eval``); on a GPU these
     # are host-side times (kernels are asynchronous), exact only at the metric flushes.
     step_seconds: float = 0.0
     eval_seconds: float = 0.0
@@ -436,7 +437,6 @@ def train(
             return
         started = time.perf_counter()
         metrics = evaluate(model, eval_loader, spec, accelerator, show, aux_coef, engine)
-        result.eval_seconds += time.perf_counter() - started
         if extra_eval is not None:
             plain = accelerator.unwrap_model(model)
             if engine.packing:  # generation runs ordinary forwards, not packed rows
@@ -444,6 +444,7 @@ def train(
             metrics.update(extra_eval(plain, step))
             if engine.packing:
                 plain.set_attn_implementation(SEGMENT_ATTENTION)
+        result.eval_seconds += time.perf_counter() - started
         result.eval_metrics = metrics
         result.eval_history.append((step, metrics))
         log_metrics(metrics, step)
