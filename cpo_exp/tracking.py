@@ -113,8 +113,6 @@ class Tracker:
         pass
 
 
-
-
 class WorkerTracker(Tracker):
     """Tracking through :mod:`cpo_exp.tracking_worker`: each call is one JSON line to its stdin.
 

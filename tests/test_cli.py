@@ -40,6 +40,9 @@ def test_default_run_learns_and_logs_to_mlflow(workdir):
     assert first.step == 0 and last.value > first.value + 0.2
     assert max(margins, key=lambda m: m.step).value > min(margins, key=lambda m: m.step).value
     assert run.data.params["loss.name"] == "sigmoid"
+    # Where the wall time went (the run's last log line says the same).
+    assert 0 < run.data.metrics["startup_seconds"] and 0 < run.data.metrics["outside_compute_fraction"] < 1
+    assert "outside them" in result.stderr
     assert run.data.params["train.learning_rate"] == "0.001"
     assert run.data.tags["choice/model"] == "tiny"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
