@@ -231,14 +231,14 @@ def _trl_steps(w: Workload, model, tokenizer, rows):
 def _our_steps(w: Workload, model, tokenizer, rows, engine: EngineConfig):
     import datasets
 
-    from cpo_exp.data import SequenceLengths, tokenize_dataset
+    from cpo_exp.data import PairRows, SequenceLengths, tokenize_dataset
     from cpo_exp.engine import pair_collator, pair_loss
     from cpo_exp.losses import LossSpec
     from cpo_exp.packing import SEGMENT_ATTENTION
 
     lengths = SequenceLengths(max_length=w.max_prompt + w.max_completion + 1, max_prompt_length=w.max_prompt)
     data = tokenize_dataset(datasets.Dataset.from_list(rows), tokenizer, lengths, "bench", "error")
-    data = [data[i] for i in range(len(data))]
+    data = PairRows(data).__getitems__(range(len(data)))  # the engine's rows
     tokens = [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in data]
     if engine.packing:
         model.set_attn_implementation(SEGMENT_ATTENTION)

@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from cpo_exp import interrupts
 from cpo_exp.checkpoint import Checkpointer, Position
 from cpo_exp.config import EngineConfig, HardwareConfig, TrainConfig
-from cpo_exp.data import LABEL_PAD, collator_for
+from cpo_exp.data import LABEL_PAD, PairRows, collator_for
 from cpo_exp.logprobs import DEFAULT_CHUNK_SIZE, label_logps, mean_logit, mean_logit_direction
 from cpo_exp.losses import LossSpec, preference_loss, total_loss
 from cpo_exp.metrics import EVAL_PREFIX, MetricWindow, pair_metrics
@@ -407,10 +407,10 @@ def train(
     attn_implementation = model.config._attn_implementation
     if engine.packing:
         model.set_attn_implementation(SEGMENT_ATTENTION)
-    train_loader = DataLoader(train_set, batch_size=cfg.per_device_train_batch_size, shuffle=True,
+    train_loader = DataLoader(PairRows(train_set), batch_size=cfg.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate)
     eval_loader = (
-        DataLoader(eval_set, batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
+        DataLoader(PairRows(eval_set), batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
         if eval_set is not None else None
     )
     decay, no_decay = [], []

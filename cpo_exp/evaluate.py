@@ -63,7 +63,7 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
     from torch.utils.data import DataLoader
 
     from cpo_exp import engine, models
-    from cpo_exp.data import collator_for
+    from cpo_exp.data import PairRows, collator_for
 
     launch_dir = str(Path.cwd())
     probe = compose_config([], [])  # tracking defaults, to find the store before the run is known
@@ -96,7 +96,7 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
             raise ConfigError("no eval split: give data.eval_files, data.eval_split or data.eval_fraction")
         model = models.load_model(cfg.model, tokenizer)
         accelerator = engine.new_accelerator(mixed_precision=cfg.hardware.mixed_precision, cpu=cfg.hardware.cpu)
-        loader = DataLoader(prepared["eval"].dataset, batch_size=cfg.train.per_device_eval_batch_size,
+        loader = DataLoader(PairRows(prepared["eval"].dataset), batch_size=cfg.train.per_device_eval_batch_size,
                             collate_fn=collator_for(model.config, tokenizer.pad_token_id))
         model, loader = accelerator.prepare(model, loader)
         metrics = engine.evaluate(model, loader, cfg.loss_spec(), accelerator,

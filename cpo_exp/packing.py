@@ -20,11 +20,13 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
 from cpo_exp.data import LABEL_PAD
+from cpo_exp.data.collate import Ids
 
 SEGMENT_ATTENTION = "cpo_segments"
 
@@ -63,6 +65,10 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
 AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
 
 
+def _as_list(ids: Ids) -> list[int]:
+    return ids.tolist() if isinstance(ids, np.ndarray) else list(ids)
+
+
 def _common_prefix(a: list[int], b: list[int]) -> int:
     n = 0
     for x, y in zip(a, b):
@@ -78,7 +84,9 @@ class PackingCollator:
     def __init__(self, shared_prompt: bool = False):
         self.shared_prompt = shared_prompt
 
-    def __call__(self, rows: list[dict[str, list[int]]]) -> dict:
+    def __call__(self, rows: list[dict[str, Ids]]) -> dict:
+        # Python lists: the loops below index them element by element.
+        rows = [{name: _as_list(ids) for name, ids in row.items()} for row in rows]
         pairs = len(rows)
         ids: list[int] = []
         positions: list[int] = []

@@ -10,12 +10,14 @@ from pathlib import Path
 import datasets
 import pandas as pd
 import pytest
+import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from cpo_exp.config import DataConfig, ModelConfig
 from cpo_exp.data import (
-    DataError, SequenceLengths, encode_pair, prepare_data, summarize, to_standard, tokenize_split,
+    DataError, PairRows, PreferenceCollator, SequenceLengths, encode_pair, prepare_data, summarize, to_standard,
+    tokenize_split,
 )
 from cpo_exp.data.checks import check_rows
 from cpo_exp.data.sources import load_source
@@ -458,3 +460,43 @@ def test_eval_fraction_next_to_an_eval_split_is_a_config_error():
     with pytest.raises(ConfigError, match="data.eval_fraction must be 0 when an eval split is given"):
         validate(cfg)
     validate(Config(model=TINY, data=DataConfig(path="x", eval_fraction=0.1)))
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def test_pair_rows_read_each_row_in_the_datasets_order_without_copying(tmp_path, tokenizer, toy_rows):
+    path = write_jsonl(tmp_path / "t.jsonl", toy_rows * 25)
+    tokenized = prepare_data(DataConfig(train_files=[str(path)]), tokenizer, SequenceLengths(), 0)["train"].dataset
+    # Views of the Arrow buffers: a memory-mapped split stays on disk.
+    assert all(not ids.flags.owndata for ids in PairRows(tokenized)[0].values())
+    # Several Arrow chunks; then a shuffled index mapping on top, and a column that is not tokens.
+    chunked = datasets.concatenate_datasets([tokenized] * 3)
+    shuffled = chunked.add_column("__row__", list(range(len(chunked)))).shuffle(seed=3)
+    for dataset in (chunked, shuffled):
+        rows = PairRows(dataset)
+        assert len(rows) == len(dataset) == 300
+        for k in (0, 7, 150, 299):
+            expected = {name: ids for name, ids in dataset[k].items() if name != "__row__"}
+            assert {name: ids.tolist() for name, ids in rows[k].items()} == expected
+        batch = rows.__getitems__([3, 0, 3, 250])
+        assert [r["rejected_labels"].tolist() for r in batch] == [dataset[i]["rejected_labels"] for i in (3, 0, 3, 250)]
+        with pytest.raises(IndexError, match="out of range for 300 rows"):
+            rows.__getitems__([300])
+
+
+def test_collators_give_the_same_batch_from_pair_rows_and_from_lists(tmp_path, tokenizer, toy_rows):
+    from cpo_exp.packing import PackingCollator
+
+    path = write_jsonl(tmp_path / "t.jsonl", toy_rows)
+    tokenized = prepare_data(DataConfig(train_files=[str(path)]), tokenizer, SequenceLengths(), 0)["train"].dataset
+    as_lists = [tokenized[i] for i in range(len(tokenized))]
+    as_views = PairRows(tokenized).__getitems__(range(len(tokenized)))
+    for collate in (PreferenceCollator(tokenizer.pad_token_id), PackingCollator(shared_prompt=True)):
+        from_lists, from_views = collate(as_lists), collate(as_views)
+        assert from_lists.keys() == from_views.keys()
+        for name, value in from_lists.items():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == from_views[name].dtype and torch.equal(value, from_views[name]), name
+            else:
+                assert value == from_views[name], name
