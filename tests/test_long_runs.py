@@ -339,6 +339,27 @@ def test_tracking_process_killed_mid_run_loses_neither_training_nor_metrics(work
     assert logged | {row["step"] for row in spilled if "loss" in row["metrics"]} == set(range(1, 31))
 
 
+def test_metric_calls_reach_the_store_in_batches_without_waiting_for_the_next_call(tmp_path):
+    from cpo_exp.tracking import open_run
+    from cpo_exp.tracking_worker import METRICS_BATCH_S
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    with open_run(uri, "batches") as tracker:
+        run_id = tracker.ready()
+        for step in range(1, 6):
+            tracker.log_metrics({"loss": 1.0 / step}, step)
+        started = time.monotonic()
+        # Nothing more comes, and the run stays open: the batch still goes out on its own.
+        while len(client.get_metric_history(run_id, "loss")) < 5:
+            assert time.monotonic() - started < METRICS_BATCH_S + 5, "the metrics did not reach the store"
+            time.sleep(0.1)
+        assert client.get_run(run_id).info.status == "RUNNING"
+    logged = {m.step: m.value for m in client.get_metric_history(run_id, "loss")}
+    assert logged == {step: pytest.approx(1.0 / step) for step in range(1, 6)}
+    assert client.get_run(run_id).info.status == "FINISHED"
+
+
 @pytest.mark.slow
 def test_sigterm_before_training_ends_the_mlflow_run_killed(workdir, toy_rows):
     """A preemption while the data is still being tokenized: nothing to checkpoint, but the run
