@@ -46,6 +46,8 @@ class Position:
     batches_in_epoch: int = 0
     # Per-batch values of the metric window not yet logged (logging_steps need not divide save_steps).
     window: dict[str, list[float]] = field(default_factory=dict)
+    # Optimizer steps skipped so far for a non-finite loss or gradient (train.on_nonfinite=skip).
+    skipped_steps: int = 0
 
 
 @dataclass

@@ -460,7 +460,7 @@ def train(
     model.train()
     skip, in_epoch = start.batches_in_epoch, 0
     window_tokens, window_start, train_start, all_tokens = 0, time.perf_counter(), time.perf_counter(), 0
-    grad_norm, finite, skipped = torch.tensor(0.0), torch.tensor(True), 0
+    grad_norm, finite, skipped = torch.tensor(0.0), torch.tensor(True), start.skipped_steps
 
     def position() -> Position:
         # One window for all ranks: each batch's values averaged over the ranks. Every rank has as
@@ -469,7 +469,7 @@ def train(
         if accelerator.num_processes > 1:
             state = {name: accelerator.reduce(torch.tensor(state[name], device=accelerator.device), "mean").tolist()
                      for name in sorted(state)}
-        return Position(step, epoch, in_epoch, state)
+        return Position(step, epoch, in_epoch, state, skipped)
 
     progress = tqdm(total=total_steps, initial=step, desc="train", disable=not show)
     while step < total_steps:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,6 +189,19 @@ def test_non_finite_steps_are_skipped_when_asked(workdir):
     assert run.info.status == "FINISHED"
     # Skipping keeps step 1's (absurd but finite) weights, whose gradient is NaN every time.
     assert history(workdir, run, "nonfinite_skipped_steps") == {2: 1, 3: 2, 4: 3, 5: 4, 6: 5}
+
+
+def test_skipped_steps_are_counted_on_across_a_resume(workdir):
+    result = run_cli(*DIVERGING, "train.on_nonfinite=skip", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = workdir / "outputs" / "nan"
+    for step in (4, 5, 6):  # as if the run had been stopped after step 3
+        shutil.rmtree(run_dir / "checkpoints" / f"step-{step}")
+    resumed = run_cli(f"resume={run_dir}", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/step-3" in resumed.stderr
+    # The steps logged again after the resume (the last values) go on counting from step 3's 2.
+    assert history(workdir, runs_by_dir(workdir)["nan"], "nonfinite_skipped_steps") == {2: 1, 3: 2, 4: 3, 5: 4, 6: 5}
 
 
 def test_unwritable_output_dir_is_named_before_training(tmp_path):
