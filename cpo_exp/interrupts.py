@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from typing import Optional
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _requested: Optional[int] = None
+_stopped_by: Optional[int] = None  # the signal that stopped a job of this process, kept to its exit
 
 
 class Stopped(BaseException):
@@ -29,9 +31,18 @@ class Stopped(BaseException):
     """
 
     def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
+        global _stopped_by
+        _stopped_by = signum  # what a sweep's parent run reports at exit (stopped_by)
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where}")
+
+
+def stopped_by() -> Optional[int]:
+    """The signal that stopped a job of this process, if one did (Ctrl-C before training included)."""
+    if _stopped_by is None and isinstance(getattr(sys, "last_value", None), KeyboardInterrupt):
+        return signal.SIGINT  # an uncaught KeyboardInterrupt, as seen by exit handlers
+    return _stopped_by
 
 
 def requested() -> Optional[int]:

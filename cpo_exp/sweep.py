@@ -15,7 +15,8 @@ Status of the parent: it says what the command said. FINISHED when Hydra complet
 (exit code 0; with Optuna's ``max_failure_rate`` that may include tolerated failed trials, counted
 in the ``failed_jobs`` tag); FAILED when the sweep is aborted, which is how Hydra ends a sweep
 with a failed job: the other jobs of the batch finish, then Hydra raises and exits non-zero
-without calling ``on_multirun_end``, so the parent is ended at process exit instead.
+without calling ``on_multirun_end``, so the parent is ended at process exit instead; KILLED
+when Ctrl-C or SIGTERM stopped it (also ended at process exit).
 
 Hydra turns any exception raised by a callback into a warning, so nothing here can stop a
 sweep; checks that must reject a job live in :class:`SweepJob`, which the entry point runs in
@@ -37,6 +38,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from cpo_exp import interrupts
 from cpo_exp.config import ConfigError, TrackingConfig
 from cpo_exp.tracking import check_reachable, tracking_uri
 
@@ -146,12 +148,16 @@ class SweepCallback(Callback):
              "objective": record.objective})), "sweep.yaml")
         record.tracking_uri, record.experiment_name, record.parent_run_id = uri, tracking.experiment_name, run_id
         self._client = client
-        atexit.register(self._end, "FAILED")  # the sweep never reached on_multirun_end
+        atexit.register(self._end_at_exit)
         log.info("MLflow parent run %s of sweep %s (%s)", run_id, record.sweep_dir, uri)
 
     # ---------------------------------------------------------------- end
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         self._end("FINISHED")
+
+    def _end_at_exit(self) -> None:
+        """The sweep never reached on_multirun_end: a job failed, or a signal stopped it."""
+        self._end("KILLED" if interrupts.stopped_by() else "FAILED")
 
     def _end(self, status: str) -> None:
         if self._ended or self.record is None or self._client is None:

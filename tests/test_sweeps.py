@@ -176,6 +176,26 @@ def test_parallel_jobs_on_a_fresh_sqlite_store_all_complete_sharing_the_cores(wo
     assert {r.data.params["hardware.torch_threads"] for r in children} == {str(expected)}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_sweep_stopped_by_a_signal_ends_its_parent_run_killed(workdir, sig):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "cpo_exp", "-m", "loss=sigmoid,simpo", "train.max_steps=5000",
+                             "train.logging_steps=2", "train.eval_steps=null", "train.save_steps=null",
+                             "data.max_eval_samples=8", "train.save_model=false"],
+                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not any("step 4/5000" in log.read_text() for log in workdir.glob("outputs/multirun/*/*/0/cpo_exp.log")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the first job never trained"
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    parent, children = _parent_and_children(_store(workdir))
+    assert [r.info.status for r in children] == ["KILLED"]  # the second job never started
+    assert parent.info.status == "KILLED", stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def failed_sweep(tmp_path_factory):
     """A sweep with one impossible job (beta=-1), run once for the tests below."""
