@@ -238,7 +238,8 @@ def _our_steps(w: Workload, model, tokenizer, rows, engine: EngineConfig):
 
     lengths = SequenceLengths(max_length=w.max_prompt + w.max_completion + 1, max_prompt_length=w.max_prompt)
     data = tokenize_dataset(datasets.Dataset.from_list(rows), tokenizer, lengths, "bench", "error")
-    data = PairRows(data).__getitems__(range(len(data)))  # the engine's rows
+    pairs = PairRows(data)  # the rows the engine's data loader reads
+    data = [pairs[i] for i in range(len(pairs))]
     tokens = [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in data]
     if engine.packing:
         model.set_attn_implementation(SEGMENT_ATTENTION)

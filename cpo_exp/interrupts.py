@@ -32,7 +32,7 @@ class Stopped(BaseException):
 
     def __init__(self, signum: int, step: int, checkpoint: Optional[str]):
         global _stopped_by
-        _stopped_by = signum  # what a sweep's parent run reports at exit (stopped_by)
+        _stopped_by = signum  # for a sweep's parent run, ended at exit (see stopped_by)
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         where = f"checkpoint {checkpoint}" if checkpoint else "no checkpoint"
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; {where}")
