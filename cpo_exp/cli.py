@@ -25,10 +25,10 @@ from omegaconf import DictConfig, OmegaConf
 import cpo_exp
 from cpo_exp import checkpoint, interrupts
 from cpo_exp.checkpoint import CheckpointError
-from cpo_exp.config import Config, ConfigError, validate
+from cpo_exp.config import Config, ConfigError, flatten, parse_override, unflatten, validate
 from cpo_exp.data import DataError, PreparedSplit, SequenceLengths, prepare_data, summarize
 from cpo_exp.sweep import SweepJob
-from cpo_exp.tracking import TrackingError, flatten, redact, tracked_run, tracking_uri
+from cpo_exp.tracking import TrackingError, redact, tracked_run, tracking_uri
 
 log = logging.getLogger("cpo_exp")
 
@@ -59,21 +59,10 @@ def run_name(overrides: list[str]) -> str:
     return ",".join(overrides) if overrides else "default"
 
 
-def unflatten(flat: dict) -> dict:
-    tree: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree
-
-
 def resumed_config(dcfg: DictConfig, point: checkpoint.ResumePoint, overrides: list[str]) -> DictConfig:
     """The checkpoint's config; command-line overrides may only repeat it (or change volatile keys)."""
     current = flatten(OmegaConf.to_container(dcfg, resolve=True))
-    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides if "=" in o]
+    keys = [parsed[0] for parsed in map(parse_override, overrides) if parsed]
     problems = checkpoint.config_mismatches(point.config, current, [k for k in keys if k != "resume"])
     if problems:
         raise CheckpointError(f"resume={dcfg.resume}: the command line changes the checkpoint's config "

@@ -9,6 +9,7 @@ the losses and the data pipeline receive the resulting objects and never see Hyd
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -18,6 +19,39 @@ from cpo_exp.metrics import EVAL_PREFIX, PAIR_METRICS
 
 class ConfigError(ValueError):
     """An impossible configuration value; the message names the key."""
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``; lists stay whole."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`flatten`: ``{"train.lr": 1}`` -> ``{"train": {"lr": 1}}``."""
+    tree: dict[str, Any] = {}
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def parse_override(override: str) -> Optional[tuple[str, str]]:
+    """``"+train.lr=1e-3"`` -> ``("train.lr", "1e-3")``: a command-line override's key (without
+    Hydra's ``+``/``++``/``~`` prefixes) and its value as written; None when it assigns nothing."""
+    if "=" not in override:
+        return None
+    key, value = override.split("=", 1)
+    return key.lstrip("+~"), value
 
 
 @dataclass

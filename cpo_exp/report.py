@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from cpo_exp.config import parse_override
 from cpo_exp.sweep import SweepRecord, best_run, child_runs
 
 log = logging.getLogger(__name__)
@@ -50,7 +51,7 @@ class JobRow:
 def _overrides(run) -> dict[str, str]:
     raw = run.data.tags.get("overrides")
     items = json.loads(raw) if raw else []
-    return {item.split("=", 1)[0].lstrip("+~"): item.split("=", 1)[1] for item in items if "=" in item}
+    return dict(parsed for parsed in map(parse_override, items) if parsed)
 
 
 def job_rows(runs: list) -> list[JobRow]:

@@ -32,7 +32,7 @@ from cpo_exp.interrupts import Stopped
 from cpo_exp.tracking_worker import TrackingError, check_reachable
 
 __all__ = ["TrackingError", "check_reachable", "Tracker", "WorkerTracker", "tracked_run", "reopened_run",
-           "tracking_uri", "flatten", "redact"]
+           "tracking_uri", "redact"]
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +44,6 @@ def tracking_uri(cfg: TrackingConfig, launch_dir: str) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(launch_dir).resolve() / 'mlflow.db'}"
-
-
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"train": {"lr": 1}}`` -> ``{"train.lr": 1}``; lists stay whole."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping) and value:
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 # Keys whose values must never reach the store: hub_token, db_password, client_secret, api_key...
