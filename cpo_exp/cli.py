@@ -1,13 +1,13 @@
-"""The entry point: Hydra composes the config, this module turns it into typed objects, checks
-them, and hands them to the data pipeline, the model loader and the engine.
+"""The entry point: Hydra composes the config, this module turns it into a typed
+:class:`~cpo_exp.config.Config`, checks it, opens the tracking run and hands over to the job's
+steps (:mod:`cpo_exp.job`).
 
-Hydra lives only here. Order of work: validate the config, open the tracking run, load and
-check the data, tokenize, then (only then) load the model and train.
+Hydra is imported here and in the multirun callback (:mod:`cpo_exp.sweep`) only. Order of work:
+validate the config, open the tracking run, then the job: data, model, train.
 """
 
 from __future__ import annotations
 
-import atexit
 import dataclasses
 import logging
 import os
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 import hydra
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -26,14 +27,11 @@ import cpo_exp
 from cpo_exp import checkpoint, interrupts
 from cpo_exp.checkpoint import CheckpointError
 from cpo_exp.config import Config, ConfigError, flatten, parse_override, unflatten, validate
-from cpo_exp.data import DataError, PreparedSplit, SequenceLengths, prepare_data, summarize
+from cpo_exp.job import USER_ERRORS, RunClock, record_config, train_job
 from cpo_exp.sweep import SweepJob
-from cpo_exp.tracking import TrackingError, redact, tracked_run, tracking_uri
+from cpo_exp.tracking import redact, tracked_run, tracking_uri
 
 log = logging.getLogger("cpo_exp")
-
-# Errors that mean "the user asked for something impossible": shown as one clear line.
-USER_ERRORS = (ConfigError, DataError, TrackingError, FileNotFoundError, CheckpointError)
 
 
 def config_dir() -> str:
@@ -48,10 +46,14 @@ OmegaConf.register_new_resolver("cpo_exp.if_resume", lambda resume, then, other:
                                 replace=True)
 
 
-# Where the first run of this process starts its wall clock (see RunTimes).
+# Where the first run of this process starts its wall clock (see cpo_exp.job.RunTimes).
 _clock: Optional[float] = cpo_exp.IMPORTED_AT
-# Whether this process ran one job outside a multirun (see entry).
-_single_run_done = False
+
+
+def compose_config(overrides: list[str]) -> Config:
+    """The config that ``python -m cpo_exp <overrides>`` runs, composed with Hydra's compose API."""
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
 
 
 def run_name(overrides: list[str]) -> str:
@@ -103,10 +105,10 @@ def check_launcher(distributed: str, env: dict) -> None:
 
 def run(dcfg: DictConfig) -> Optional[float]:
     """One job: everything after composition. Returns the objective's final eval value (for sweepers)."""
-    global _clock, _single_run_done
+    global _clock
     composed = time.perf_counter()
     # A multirun's later jobs in this process imported nothing: their clock starts at composition.
-    clock, _clock = _clock if _clock is not None else composed, None
+    clock, _clock = RunClock(_clock if _clock is not None else composed, composed), None
     hydra_cfg = HydraConfig.get()
     overrides = list(hydra_cfg.overrides.task)
     # Set by accelerate launch and torchrun; only the first process talks to MLflow.
@@ -121,15 +123,10 @@ def run(dcfg: DictConfig) -> Optional[float]:
     cfg: Config = OmegaConf.to_object(dcfg)
     cfg.output_dir = hydra_cfg.runtime.output_dir
 
-    tags = {f"choice/{k}": v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
-    tags["output_dir"] = cfg.output_dir
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        tags["sweep_dir"] = hydra_cfg.sweep.dir
-        tags["job_num"] = hydra_cfg.job.num
-    name = cfg.tracking.run_name or run_name(redact(overrides))
+    # validate before anything is opened or loaded
     job = SweepJob.current()
-    if job is not None:
-        tags.update(job.tags)
+    tags = run_tags(hydra_cfg, cfg.output_dir, job)
+    name = cfg.tracking.run_name or run_name(redact(overrides))
     try:
         validate(cfg)
         if job is not None:
@@ -141,10 +138,10 @@ def run(dcfg: DictConfig) -> Optional[float]:
     check_launcher(cfg.hardware.distributed, dict(os.environ))
     checkpoint.check_writable(cfg.output_dir)
 
+    # open the run, record the config, train
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     resolved["output_dir"] = cfg.output_dir
-    # Secrets stay out of MLflow and out of the files written next to checkpoints.
-    public = redact(resolved)
+    public = redact(resolved)  # secrets stay out of MLflow and out of the files next to checkpoints
     tracking = cfg.tracking if rank == 0 else dataclasses.replace(cfg.tracking, backend="none")
     parent = (job.parent_run_id(tracking_uri(cfg.tracking, hydra_cfg.runtime.cwd), cfg.tracking.experiment_name)
               if job is not None and rank == 0 else None)
@@ -152,149 +149,36 @@ def run(dcfg: DictConfig) -> Optional[float]:
             tracking, hydra_cfg.runtime.cwd, name, tags, run_id=point.mlflow_run_id if point else None,
             spill_dir=cfg.output_dir, parent_run_id=parent) as tracker:
         if point is None and rank == 0:
-            tracker.log_params(flatten(public))
-            resolved_path = Path(cfg.output_dir) / "resolved_config.yaml"
-            resolved_path.write_text(OmegaConf.to_yaml(public))
-            tracker.log_artifact(str(resolved_path))
             hydra_dir = Path(cfg.output_dir) / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None
-            if hydra_dir is not None and hydra_dir.is_dir():
-                log_hydra_record(tracker, hydra_dir)
+            record_config(tracker, public, cfg.output_dir, hydra_dir)
         elif point is not None:
             tracker.set_tags({"resumed_from": str(point.path)})
-
-        # The heavy imports run while the tracking process opens the run.
-        import torch
-        import transformers
-
-        from cpo_exp import engine, models
-
-        quiet_progress_bars(cfg)
-        if cfg.hardware.num_threads is not None:
-            torch.set_num_threads(cfg.hardware.num_threads)
-        tracker.ready()  # an unusable store fails here, before any compute
-
-        tokenizer = models.load_tokenizer(cfg.model)
-        prepared = prepare(cfg, tokenizer, tracker)
-        tokenized = {split: p.dataset for split, p in prepared.items()}
-
-        transformers.set_seed(cfg.train.seed)
-        model = models.load_model(cfg.model, tokenizer)
-        tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters()),
-                            "model.trainable_parameters": sum(p.numel() for p in model.parameters()
-                                                              if p.requires_grad),
-                            "hardware.torch_threads": torch.get_num_threads()})
-        checkpointer = checkpoint.Checkpointer(cfg.output_dir, cfg.train.save_steps, cfg.train.save_total_limit,
-                                               flatten(public), tracker.run_id, point)
-        training = time.perf_counter()
-        with interrupts.graceful_stop():
-            result = engine.train(
-                model, tokenizer, tokenized["train"], tokenized.get("eval"), cfg.loss_spec(), cfg.train,
-                cfg.hardware, cfg.output_dir, tracker.log_metrics,
-                extra_eval=generation_eval(cfg, tokenizer, prepared.get("eval"), tracker),
-                checkpointer=checkpointer, engine=cfg.engine,
-            )
-        times = RunTimes(composed - clock, training - composed,
-                         time.perf_counter() - training, result.step_seconds, result.eval_seconds)
-        tracker.log_metrics({"train_seconds": result.train_seconds,
-                             "train_tokens_per_second": result.tokens_per_second,
-                             "train_step_seconds": result.step_seconds, "eval_seconds": result.eval_seconds,
-                             "startup_seconds": times.startup, "outside_compute_fraction": times.outside_fraction},
-                            result.global_step)
-        log.info("done in %.1fs; outputs in %s", result.train_seconds, cfg.output_dir)
-        log.info("%s", times.summary())
+        result = train_job(cfg, tracker, public, point, clock)
         log_file = Path(cfg.output_dir) / f"{hydra_cfg.job.name}.log"
         if log_file.is_file():
             tracker.log_artifact(str(log_file))
-    _single_run_done = hydra_cfg.mode == RunMode.RUN
     objective = result.eval_metrics.get(cfg.objective.metric)
     if objective is None:
         log.warning("no eval split, so no objective %s to return to the sweeper", cfg.objective.metric)
     return objective
 
 
-@dataclasses.dataclass
-class RunTimes:
-    """Where a run's wall time went, from the import of cpo_exp to the end of training."""
-
-    imports: float  # Python, torch, Hydra, and composing the config
-    setup: float  # the rest of the start: tracking, the heavy imports, data, model
-    train: float  # engine.train: the loop, its evaluations, checkpoints, saving the model
-    steps: float  # forward, backward and optimizer steps
-    evals: float  # evaluations: their forwards, and generation when eval.generate is on
-
-    @property
-    def startup(self) -> float:
-        return self.imports + self.setup
-
-    @property
-    def wall(self) -> float:
-        return self.startup + self.train
-
-    @property
-    def outside_fraction(self) -> float:
-        return 1 - (self.steps + self.evals) / self.wall
-
-    def summary(self) -> str:
-        loop = self.train - self.steps - self.evals
-        return (f"wall {self.wall:.1f}s: forward/backward/optimizer steps {self.steps:.1f}s, evaluations "
-                f"{self.evals:.1f}s; outside them {self.wall - self.steps - self.evals:.1f}s "
-                f"({100 * self.outside_fraction:.0f}%): start-up {self.startup:.1f}s (imports and config "
-                f"{self.imports:.1f}s; tracking, data, model {self.setup:.1f}s), in the loop {loop:.1f}s "
-                "(batching, logging, checkpoints, saving)")
+def run_tags(hydra_cfg, output_dir: str, job: Optional[SweepJob]) -> dict:
+    """Hydra's choices (``choice/<group>``), the run dir, and a sweep job's place in its sweep."""
+    tags = {f"choice/{k}": v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
+    tags["output_dir"] = output_dir
+    if hydra_cfg.mode == RunMode.MULTIRUN:
+        tags["sweep_dir"] = hydra_cfg.sweep.dir
+        tags["job_num"] = hydra_cfg.job.num
+    if job is not None:
+        tags.update(job.tags)
+    return tags
 
 
-def quiet_progress_bars(cfg: Config) -> None:
-    """Library progress bars only clutter log files and CI output."""
-    from cpo_exp.engine import show_progress
-
-    if not show_progress(cfg.train):
-        import datasets
-        import transformers
-
-        datasets.disable_progress_bars()
-        transformers.utils.logging.disable_progress_bar()
-
-
-def prepare(cfg: Config, tokenizer, tracker) -> dict[str, PreparedSplit]:
-    """Load, check and tokenize the data (before any model is loaded); log its summary."""
-    from cpo_exp.models import is_encoder_decoder
-
-    lengths = SequenceLengths(cfg.max_length, cfg.max_prompt_length, cfg.max_completion_length,
-                              cfg.truncation_mode)
-    prepared = prepare_data(cfg.data, tokenizer, lengths, cfg.train.seed, is_encoder_decoder(cfg.model))
-    summary = summarize(prepared, lengths)
-    log.info("%s", summary.text())
-    tracker.log_params(summary.params())
-    tracker.log_metrics(summary.metrics(), 0)
-    return prepared
-
-
-def generation_eval(cfg: Config, tokenizer, eval_split: Optional[PreparedSplit], tracker):
-    """The ``eval.generate`` evaluator, logging its samples as the ``eval_samples.json`` table."""
-    if not cfg.eval.generate or eval_split is None:
-        return None
-    from cpo_exp.generation import GenerationEval, SamplingSpec, sacrebleu_signatures
-
-    e = cfg.eval
-    tracker.log_params({f"eval_gen.{k}_signature": v for k, v in sacrebleu_signatures().items()})
-    spec = SamplingSpec(e.max_new_tokens, e.do_sample, e.temperature, e.top_p, e.batch_size, e.seed)
-    return GenerationEval(tokenizer, eval_split.rows, e.num_prompts, spec, e.scorers,
-                          log_table=lambda data, step: tracker.log_table(data, "eval_samples.json"))
 def engine_errors() -> tuple[type[Exception], ...]:
     from cpo_exp.engine import NonFiniteError  # the engine imports torch: only when needed
 
     return (NonFiniteError,)
-
-
-def log_hydra_record(tracker, hydra_dir: Path) -> None:
-    """Hydra's ``.hydra/`` files as artifacts, with secrets redacted (the local files stay as they are)."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        for file in sorted(hydra_dir.glob("*.yaml")):
-            tree = redact(OmegaConf.to_container(OmegaConf.load(file), resolve=False))
-            (Path(tmp) / file.name).write_text(OmegaConf.to_yaml(tree))
-        tracker.log_artifacts(tmp, "hydra")
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
@@ -318,24 +202,5 @@ def main(dcfg: DictConfig) -> Optional[float]:
 
 
 def entry() -> None:
-    """``python -m cpo_exp`` and ``cpo-exp``: :func:`main`, then exit without the interpreter's teardown.
-
-    By then every file is written and closed and the MLflow run is ended; dismantling the
-    module graph of torch and transformers would only add a second to every run. Only after a
-    single run in one process: a multirun's launcher (joblib's worker processes) and
-    torch.distributed must be shut down the ordinary way.
-    """
-    try:
-        main()
-        code = 0
-    except SystemExit as err:
-        code = err.code
-    if not _single_run_done or int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        sys.exit(code)
-    if code is not None and not isinstance(code, int):
-        print(code, file=sys.stderr)
-        code = 1
-    atexit._run_exitfuncs()  # logging's shutdown is one of them
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+    """``python -m cpo_exp`` and the ``cpo-exp`` console script."""
+    main()

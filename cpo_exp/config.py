@@ -1,6 +1,9 @@
 """Typed configuration: one dataclass per config group, TRL's CPOConfig defaults.
 
-These dataclasses are the single authoritative home of every key, its type and its default.
+These dataclasses are the single authoritative home of every key, its type and its default
+(the loss knobs' defaults are :class:`~cpo_exp.losses.LossSpec`'s, the length limits'
+:class:`SequenceLengths`': the specs handed to the losses and the data pipeline are built from
+the config, never with literals of their own).
 Hydra composes YAML presets from ``conf/`` on top of them (see ``cpo_exp.cli``); the engine,
 the losses and the data pipeline receive the resulting objects and never see Hydra.
 :func:`validate` checks what types cannot, before any model or data is loaded.
@@ -15,6 +18,7 @@ from typing import Any, Optional
 
 from cpo_exp.losses import LOSS_TYPES, NO_LABEL_SMOOTHING, LossSpec
 from cpo_exp.metrics import EVAL_PREFIX, PAIR_METRICS
+from cpo_exp.scorers import resolve_scorer
 
 
 class ConfigError(ValueError):
@@ -52,6 +56,16 @@ def parse_override(override: str) -> Optional[tuple[str, str]]:
         return None
     key, value = override.split("=", 1)
     return key.lstrip("+~"), value
+
+
+@dataclass(frozen=True)
+class SequenceLengths:
+    """Length limits, as in TRL's CPOConfig (see README, "Data formats", truncation rules)."""
+
+    max_length: int = 1024
+    max_prompt_length: Optional[int] = 512
+    max_completion_length: Optional[int] = None
+    truncation_mode: str = "keep_end"
 
 
 @dataclass
@@ -225,15 +239,15 @@ class Config:
     """The whole run. Loss knobs and sequence lengths are top-level, as in TRL's CPOConfig."""
 
     loss: LossConfig = field(default_factory=LossConfig)
-    beta: float = 0.1
-    cpo_alpha: float = 1.0
-    simpo_gamma: float = 0.5
-    label_smoothing: float = 0.0
-    alpha: float = 0.0
-    max_length: int = 1024
-    max_prompt_length: Optional[int] = 512
-    max_completion_length: Optional[int] = None
-    truncation_mode: str = "keep_end"
+    beta: float = LossSpec.beta
+    cpo_alpha: float = LossSpec.cpo_alpha
+    simpo_gamma: float = LossSpec.simpo_gamma
+    label_smoothing: float = LossSpec.label_smoothing
+    alpha: float = LossSpec.alpha
+    max_length: int = SequenceLengths.max_length
+    max_prompt_length: Optional[int] = SequenceLengths.max_prompt_length
+    max_completion_length: Optional[int] = SequenceLengths.max_completion_length
+    truncation_mode: str = SequenceLengths.truncation_mode
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -248,14 +262,11 @@ class Config:
     resume: Optional[str] = None
 
     def loss_spec(self) -> LossSpec:
-        return LossSpec(
-            name=self.loss.name,
-            beta=self.beta,
-            cpo_alpha=self.cpo_alpha,
-            simpo_gamma=self.simpo_gamma,
-            label_smoothing=self.label_smoothing,
-            alpha=self.alpha,
-        )
+        return LossSpec(self.loss.name, self.beta, self.cpo_alpha, self.simpo_gamma, self.label_smoothing, self.alpha)
+
+    def lengths(self) -> SequenceLengths:
+        return SequenceLengths(self.max_length, self.max_prompt_length, self.max_completion_length,
+                               self.truncation_mode)
 
 
 _SCHEDULERS = (
@@ -354,8 +365,6 @@ def validate(cfg: Config) -> None:
     if e.generate:
         _require(bool(d.eval_files or d.eval_split or d.eval_fraction), "eval.generate",
                  "needs an eval split (data.eval_files, data.eval_split or data.eval_fraction)", e.generate)
-        from cpo_exp.generation import resolve_scorer
-
         for name in e.scorers:
             try:
                 resolve_scorer(name)

@@ -15,11 +15,11 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from cpo_exp.cli import USER_ERRORS, config_dir, generation_eval, prepare, quiet_progress_bars
-from cpo_exp.config import Config, ConfigError, validate
+from cpo_exp.cli import compose_config
+from cpo_exp.config import ConfigError, validate
+from cpo_exp.job import USER_ERRORS, generation_eval, prepare, quiet_progress_bars
 from cpo_exp.tracking import Tracker, reopened_run, tracked_run, tracking_uri
 
 log = logging.getLogger("cpo_exp.evaluate")
@@ -64,16 +64,17 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
 
     from cpo_exp import engine, models
     from cpo_exp.data import PairRows, collator_for
+    from cpo_exp.forward import router_aux_loss_coef
 
     launch_dir = str(Path.cwd())
-    probe = compose_config([], [])  # tracking defaults, to find the store before the run is known
+    probe = compose_config([])  # tracking defaults, to find the store before the run is known
     uri = tracking_uri(probe.tracking, launch_dir)
     run_dir, run_id = find_run(target, uri, probe.tracking.experiment_name)
     if not (run_dir / "model").is_dir():
         raise ConfigError(f"{run_dir} has no saved model (model/); was it trained with train.save_model=false?")
     original = OmegaConf.load(run_dir / ".hydra" / "overrides.yaml") if (run_dir / ".hydra").is_dir() else []
     # Generation scores are part of an evaluation unless the user turns them off.
-    cfg = compose_config(list(original), ["eval.generate=true", *overrides])
+    cfg = compose_config([*original, "eval.generate=true", *overrides])
     # The run saved its model and the tokenizer it trained with side by side.
     cfg.model.name_or_path, cfg.model.tokenizer, cfg.model.random_init = str(run_dir / "model"), None, False
     cfg.output_dir = str(run_dir)
@@ -100,18 +101,12 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
                             collate_fn=collator_for(model.config, tokenizer.pad_token_id))
         model, loader = accelerator.prepare(model, loader)
         metrics = engine.evaluate(model, loader, cfg.loss_spec(), accelerator,
-                                  aux_loss_coef=engine.router_aux_loss_coef(model))
+                                  aux_loss_coef=router_aux_loss_coef(model))
         scorer = generation_eval(cfg, tokenizer, prepared["eval"], tracker)
         if scorer is not None:
             metrics.update(scorer(accelerator.unwrap_model(model), step))
         tracker.log_metrics(metrics, step)
     return metrics
-
-
-def compose_config(original: list[str], overrides: list[str]) -> Config:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        dcfg = compose("config", overrides=original + overrides)
-    return OmegaConf.to_object(dcfg)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

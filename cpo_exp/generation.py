@@ -1,15 +1,10 @@
 """Evaluate what the model generates: greedy (or sampled) completions for a fixed subset of eval
-prompts, scored against the ``chosen`` completion as reference.
-
-Scorers live in a registry: ``chrf`` and ``bleu`` (corpus level, sacreBLEU), ``len_ratio``,
-``exact_match``, and any ``module:function`` named in ``eval.scorers`` whose signature is
-``fn(hypotheses: list[str], references: list[str]) -> float``. Metrics are logged as
-``eval_gen/<scorer>``.
+prompts, scored against the ``chosen`` completion as reference by the scorers of
+:mod:`cpo_exp.scorers`. Metrics are logged as ``eval_gen/<scorer>``.
 """
 
 from __future__ import annotations
 
-import importlib
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,84 +12,20 @@ from typing import Any, Optional
 
 import torch
 
-Scorer = Callable[[list[str], list[str]], float]
-SCORERS: dict[str, Scorer] = {}
-METRIC_PREFIX = "eval_gen/"
-
-
-def scorer(name: str) -> Callable[[Scorer], Scorer]:
-    """Register ``fn(hypotheses, references) -> float`` under ``name``."""
-
-    def register(fn: Scorer) -> Scorer:
-        SCORERS[name] = fn
-        return fn
-
-    return register
-
-
-@scorer("chrf")
-def chrf(hypotheses: list[str], references: list[str]) -> float:
-    """Corpus chrF (Popović 2015) via sacreBLEU."""
-    from sacrebleu.metrics import CHRF
-
-    return CHRF().corpus_score(hypotheses, [references]).score
-
-
-@scorer("bleu")
-def bleu(hypotheses: list[str], references: list[str]) -> float:
-    """Corpus BLEU (Papineni et al. 2002) via sacreBLEU."""
-    from sacrebleu.metrics import BLEU
-
-    return BLEU().corpus_score(hypotheses, [references]).score
-
-
-@scorer("len_ratio")
-def len_ratio(hypotheses: list[str], references: list[str]) -> float:
-    """Total hypothesis length over total reference length, in whitespace words."""
-    reference_words = sum(len(r.split()) for r in references)
-    return sum(len(h.split()) for h in hypotheses) / max(1, reference_words)
-
-
-@scorer("exact_match")
-def exact_match(hypotheses: list[str], references: list[str]) -> float:
-    """Share of hypotheses equal to their reference (after stripping whitespace)."""
-    return sum(h.strip() == r.strip() for h, r in zip(hypotheses, references)) / max(1, len(references))
-
-
-def resolve_scorer(name: str) -> Scorer:
-    """A registered scorer, or ``package.module:function`` imported on demand."""
-    if name in SCORERS:
-        return SCORERS[name]
-    module, sep, attribute = name.partition(":")
-    if not sep:
-        raise ValueError(f"unknown scorer {name!r}: registered are {sorted(SCORERS)}, or give 'module:function'")
-    try:
-        return getattr(importlib.import_module(module), attribute)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"scorer {name!r} cannot be imported: {err}") from None
-
-
-def sacrebleu_signatures() -> dict[str, str]:
-    """The sacreBLEU signatures that make the chrF/BLEU numbers reproducible."""
-    from sacrebleu.metrics import BLEU, CHRF
-
-    signatures = {}
-    for name, metric in (("chrf", CHRF()), ("bleu", BLEU())):
-        metric.corpus_score(["x"], [["x"]])  # the signature records nrefs, known only after scoring
-        signatures[name] = str(metric.get_signature())
-    return signatures
-
+from cpo_exp.config import EvalConfig
+from cpo_exp.data import to_standard
+from cpo_exp.scorers import METRIC_PREFIX, resolve_scorer
 
 @dataclass(frozen=True)
 class SamplingSpec:
     """How to generate: greedy unless ``do_sample``."""
 
-    max_new_tokens: int = 64
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float = 1.0
-    batch_size: int = 16
-    seed: int = 0
+    max_new_tokens: int = EvalConfig.max_new_tokens
+    do_sample: bool = EvalConfig.do_sample
+    temperature: float = EvalConfig.temperature
+    top_p: float = EvalConfig.top_p
+    batch_size: int = EvalConfig.batch_size
+    seed: int = EvalConfig.seed
 
 
 def prompt_ids(tokenizer, prompt: str, encoder_decoder: bool = False) -> list[int]:
@@ -159,8 +90,6 @@ class GenerationEval:
         scorers: Sequence[str] = ("chrf", "bleu", "len_ratio"),
         log_table: Optional[Callable[[dict[str, list], int], None]] = None,
     ):
-        from cpo_exp.data import to_standard
-
         picked = sorted(random.Random(spec.seed).sample(range(len(rows)), k=min(num_prompts, len(rows))))
         # Conversational rows become the strings the model was trained on (chat template applied).
         self.rows = [to_standard(rows[i], tokenizer) for i in picked]

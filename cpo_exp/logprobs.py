@@ -1,4 +1,9 @@
-"""Label log-probabilities straight from hidden states, without the full logits.
+"""The log-prob math, in one place: label log-probs (from logits, or straight from hidden states
+without the full logits) and their per-sequence sums or means.
+
+Every pair forward (:mod:`cpo_exp.forward`) reduces to the same two steps: the log-probability of
+each label that counts (:func:`logits_label_logps` or the fused :func:`label_logps`), then
+:func:`sequence_logps` over the flat labels and the index of the sequence each belongs to.
 
 A causal LM's head turns hidden states ``h`` (``[N, H]``) into logits ``h W^T (+ b)``
 (``[N, V]``); the losses need only ``log softmax(logits)[label]`` at completion positions.
@@ -17,9 +22,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
+from dataclasses import dataclass
 
-DEFAULT_CHUNK_SIZE = 512
+import torch
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -80,12 +85,18 @@ class _LabelLogps(torch.autograd.Function):
         )
 
 
+def logits_label_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``log softmax(logits)[labels]`` per row of ``logits`` (``[N, V]``), in float32 (as TRL)."""
+    logits = logits.float()
+    return torch.gather(logits, -1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
 def label_logps(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
-    bias: Optional[torch.Tensor] = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    bias: Optional[torch.Tensor],
+    chunk_size: int,
 ) -> torch.Tensor:
     """``log softmax(hidden @ weight.T + bias)[labels]`` per row, in (at least) float32, chunk by chunk.
 
@@ -108,3 +119,32 @@ def mean_logit(hidden: torch.Tensor, direction: tuple[torch.Tensor, float]) -> t
     """Mean over every position of ``hidden`` (any shape ``[..., H]``) and the vocabulary of the logits."""
     w, b = direction
     return (hidden.detach().float() @ w).mean() + b
+
+
+@dataclass
+class SequenceLogps:
+    """Per-sequence log-probs of ``2B`` sequences (chosen ``0..B-1``, rejected ``B..2B-1``)."""
+
+    logps: torch.Tensor  # sums, or means over the sequence's labels when length-averaged
+    nll_loss: torch.Tensor  # TRL's: cross-entropy averaged over all chosen labels of the batch
+
+    @property
+    def chosen(self) -> torch.Tensor:
+        return self.logps[: self.logps.shape[0] // 2]
+
+    @property
+    def rejected(self) -> torch.Tensor:
+        return self.logps[self.logps.shape[0] // 2:]
+
+
+def sequence_logps(per_label: torch.Tensor, seq: torch.Tensor, sequences: int, average: bool) -> SequenceLogps:
+    """Sum (or, for the length-normalised losses, mean) of the label log-probs of each sequence.
+
+    ``per_label`` (``[N]``) holds the log-prob of every label that counts, ``seq`` (``[N]``) the
+    index of the sequence it belongs to.
+    """
+    sums = per_label.new_zeros(sequences).index_add(0, seq, per_label)
+    counts = torch.bincount(seq, minlength=sequences)
+    half = sequences // 2
+    return SequenceLogps(logps=sums / counts if average else sums,
+                         nll_loss=-sums[:half].sum() / counts[:half].sum())

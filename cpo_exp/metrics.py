@@ -2,7 +2,9 @@
 
 Names and definitions are TRL's ``CPOTrainer.get_batch_loss_metrics``: each value is a mean
 over one batch, and a logged value is the mean of the batch values in its logging window.
-Eval metrics carry the ``eval_`` prefix.
+Eval metrics carry the ``eval_`` prefix; ``eval_loss`` alone is weighted by the pairs of each
+batch, as transformers' evaluation loop weights it (TRL's other eval metrics are plain means of
+batch means, so they differ when the last batch is smaller).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ PAIR_METRICS = (
     "logits/rejected",
 )
 EVAL_PREFIX = "eval_"
+# Eval metrics averaged over the batches weighted by their rows (see the module docstring).
+ROW_WEIGHTED_EVAL = ("loss",)
 
 
 def pair_metrics(
@@ -61,10 +65,13 @@ class MetricWindow:
 
     def __init__(self) -> None:
         self._values: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self._rows: list[int] = []
 
-    def add(self, metrics: dict[str, torch.Tensor]) -> None:
+    def add(self, metrics: dict[str, torch.Tensor], rows: int = 1) -> None:
+        """One batch's values; ``rows`` (its pairs) weighs it in the means named ``row_weighted``."""
         for name, value in metrics.items():
             self._values[name].append(value)
+        self._rows.append(rows)
 
     def state(self) -> dict[str, list[float]]:
         """The unflushed values as floats, for a checkpoint."""
@@ -73,15 +80,24 @@ class MetricWindow:
     def load(self, state: dict[str, list[float]], device: torch.device | str = "cpu") -> None:
         for name, values in state.items():
             self._values[name].extend(torch.tensor(v, device=device) for v in values)
+        self._rows.extend([1] * max(map(len, state.values()), default=0))  # a train window is never row-weighted
 
-    def __len__(self) -> int:
-        return max((len(v) for v in self._values.values()), default=0)
+    def flush(self, prefix: str = "", row_weighted: tuple[str, ...] = ()) -> dict[str, float]:
+        """The window's means as floats (one host sync), then an empty window.
 
-    def flush(self, prefix: str = "") -> dict[str, float]:
-        """The window's means as floats (one host sync), then an empty window."""
+        Names in ``row_weighted`` are averaged with the batches weighted by their rows."""
         names = list(self._values)
         if not names:
             return {}
-        means = torch.stack([torch.stack(self._values[n]).mean() for n in names]).tolist()
+        rows = torch.tensor(self._rows, dtype=torch.float32)
+
+        def mean(name: str) -> torch.Tensor:
+            values = torch.stack(self._values[name])
+            if name not in row_weighted:
+                return values.mean()
+            return (values * rows.to(values.device)).sum() / rows.sum()
+
+        means = torch.stack([mean(n) for n in names]).tolist()
         self._values.clear()
+        self._rows.clear()
         return {prefix + name: mean for name, mean in zip(names, means)}

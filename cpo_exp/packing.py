@@ -13,7 +13,7 @@ label that counts, the packed position whose hidden state predicts it.
 
 The attention runs as a registered ``transformers`` attention function (``cpo_segments``):
 one ``scaled_dot_product_attention`` call per segment, so no ``N x N`` mask is ever built and
-no compute is spent across sequences.
+no compute is spent across sequences. Calls without segments run ordinary SDPA.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from cpo_exp.data import LABEL_PAD
 from cpo_exp.data.collate import Ids
@@ -37,12 +39,14 @@ Segment = tuple[int, int, int, int]
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       cpo_segments: Optional[list[Segment]] = None, **kwargs):
-    """Attention within segments of one packed row (``query``: ``[1, heads, N, head_dim]``)."""
+    """Attention within segments of one packed row (``query``: ``[1, heads, N, head_dim]``).
+
+    A call without segments (generation, an ordinary padded forward) is plain SDPA, so the model
+    keeps this attention implementation for good.
+    """
     if cpo_segments is None:
-        raise ValueError(
-            f"attention '{SEGMENT_ATTENTION}' runs only on packed batches (engine.packing=true); "
-            "this call has no segments"
-        )
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
     gqa = query.shape[1] != key.shape[1]
     outputs = []
     for start, stop, p_start, p_stop in cpo_segments:
@@ -62,7 +66,14 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     return out.transpose(1, 2).contiguous(), None
 
 
+def segment_mask(**kwargs):
+    """The mask for :func:`segment_attention`: none for a packed row (it carries no attention mask;
+    the segments are the mask, and an ``N x N`` one is never built), SDPA's for an ordinary call."""
+    return None if kwargs.get("attention_mask") is None else sdpa_mask(**kwargs)
+
+
 AttentionInterface.register(SEGMENT_ATTENTION, segment_attention)
+AttentionMaskInterface.register(SEGMENT_ATTENTION, segment_mask)
 
 
 def _as_list(ids: Ids) -> list[int]:

@@ -19,10 +19,10 @@ from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
 from cpo_exp.config import EngineConfig, ModelConfig
 from cpo_exp.data import SequenceLengths, tokenize_row
-from cpo_exp.engine import pair_collator, pair_loss, route_pairs
+from cpo_exp.engine import pair_loss
+from cpo_exp.forward import pair_collator, prepare_model
 from cpo_exp.losses import LossSpec
 from cpo_exp.models import load_model, load_tokenizer
-from cpo_exp.packing import SEGMENT_ATTENTION
 
 TINY = ModelConfig(name_or_path="pkg://cpo_exp/assets/tiny_qwen2", random_init=True)
 LEAN = EngineConfig(logits="chunked", packing=True, shared_prompt=True)
@@ -32,7 +32,7 @@ SPEC = LossSpec("sigmoid", beta=0.1, cpo_alpha=0.0)  # a mean over pairs: halves
 def fresh_model(tokenizer):
     torch.manual_seed(0)
     model = load_model(TINY, tokenizer)
-    model.set_attn_implementation(SEGMENT_ATTENTION)
+    prepare_model(model, LEAN)  # as engine.train does before accelerate prepares the model
     return model
 
 
@@ -47,7 +47,6 @@ def main() -> None:
     pair_loss(reference, collate(rows), SPEC, engine=LEAN)[0].backward()
 
     model = fresh_model(tokenizer)
-    route_pairs(model)  # as engine.train does before accelerate prepares the model
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
                                             cpu_ram_efficient_loading=False, state_dict_type="SHARDED_STATE_DICT")
     accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=None,
@@ -59,8 +58,7 @@ def main() -> None:
     expected = dict(reference.named_parameters())
     worst = max(float((p.grad.full_tensor() - expected[n].grad).abs().max() / expected[n].grad.abs().max())
                 for n, p in model.named_parameters())
-    model.set_attn_implementation("sdpa")
-    with torch.no_grad():
+    with torch.no_grad():  # an ordinary call: the packed attention falls back to SDPA
         generated = model.generate(input_ids=torch.tensor([[0, 5, 6]]), max_new_tokens=3, do_sample=False,
                                    pad_token_id=tokenizer.pad_token_id)
     sharded = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.startswith("FSDP")})

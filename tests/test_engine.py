@@ -8,7 +8,8 @@ import torch
 
 from cpo_exp.config import HardwareConfig, ModelConfig, TrainConfig
 from cpo_exp.data import PreferenceCollator, SequenceLengths, tokenize_dataset, tokenize_row
-from cpo_exp.engine import pair_loss, sequence_logps, token_logps, train
+from cpo_exp.engine import pair_loss, train
+from cpo_exp.logprobs import logits_label_logps, sequence_logps
 from cpo_exp.losses import LossSpec
 from cpo_exp.models import load_model, load_tokenizer
 
@@ -25,17 +26,22 @@ def fresh_model(tokenizer, seed: int = 0):
     return load_model(TINY, tokenizer)
 
 
-def test_token_logps_shift_and_mask_by_hand():
-    logits = torch.randn(1, 4, 5)
-    labels = torch.tensor([[-100, -100, 3, 1]])  # the first two positions are prompt
-    per_token, mask = token_logps(logits, labels)
+def test_label_logps_and_their_per_sequence_sums_and_means_by_hand():
+    logits = torch.randn(3, 5)
+    labels = torch.tensor([3, 1, 4])
+    per_label = logits_label_logps(logits, labels)
     logp = logits.log_softmax(-1)
-    # position t predicts label t+1: the prompt's last position predicts the first completion token
-    expected = [0.0, logp[0, 1, 3].item(), logp[0, 2, 1].item()]
-    assert per_token[0].tolist() == pytest.approx(expected, abs=1e-6)
-    assert mask[0].tolist() == [False, True, True]
-    assert sequence_logps(per_token, mask, average=False).item() == pytest.approx(sum(expected), abs=1e-6)
-    assert sequence_logps(per_token, mask, average=True).item() == pytest.approx(sum(expected) / 2, abs=1e-6)
+    expected = [logp[0, 3].item(), logp[1, 1].item(), logp[2, 4].item()]
+    assert per_label.tolist() == pytest.approx(expected, abs=1e-6)
+    # labels 0 and 1 belong to sequence 0 (chosen), label 2 to sequence 1 (rejected)
+    seq = torch.tensor([0, 0, 1])
+    summed = sequence_logps(per_label, seq, 2, average=False)
+    assert summed.chosen.tolist() == pytest.approx([expected[0] + expected[1]], abs=1e-6)
+    assert summed.rejected.tolist() == pytest.approx([expected[2]], abs=1e-6)
+    averaged = sequence_logps(per_label, seq, 2, average=True)
+    assert averaged.chosen.tolist() == pytest.approx([(expected[0] + expected[1]) / 2], abs=1e-6)
+    # TRL's nll_loss: the mean negative log-prob over the chosen labels of the batch
+    assert summed.nll_loss.item() == pytest.approx(-(expected[0] + expected[1]) / 2, abs=1e-6)
 
 
 # --------------------------------------------------------------------------- against TRL

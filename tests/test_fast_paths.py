@@ -8,7 +8,8 @@ import torch
 
 from cpo_exp.config import Config, ConfigError, EngineConfig, HardwareConfig, ModelConfig, TrainConfig, validate
 from cpo_exp.data import LABEL_PAD, PreferenceCollator, SequenceLengths, tokenize_dataset, tokenize_row
-from cpo_exp.engine import check_engine, forward_pair, pair_collator, pair_loss, train
+from cpo_exp.engine import pair_loss, train
+from cpo_exp.forward import pair_collator, pair_forward, prepare_model
 from cpo_exp.logprobs import label_logps, mean_logit, mean_logit_direction
 from cpo_exp.losses import LossSpec
 from cpo_exp.models import load_model, load_tokenizer
@@ -106,11 +107,16 @@ def test_shared_prompt_is_laid_out_once_and_rejected_continues_its_positions():
     assert plain["segments"] == [(0, 5, 0, 0), (5, 9, 0, 0)]  # empty prefix ranges
 
 
-def test_segment_attention_refuses_an_unpacked_call(tokenizer, encoded):
+def test_segment_attention_runs_an_unpacked_padded_call_as_sdpa(tokenizer, encoded):
     model = model_for(tokenizer, PACKED)
     batch = PreferenceCollator(tokenizer.pad_token_id)(encoded)
-    with pytest.raises(ValueError, match="engine.packing"):
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert (batch["attention_mask"] == 0).any()  # padded rows: the mask must be applied
+    with torch.no_grad():
+        packed_attention = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        model.set_attn_implementation("sdpa")
+        sdpa = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(packed_attention[real], sdpa[real])
 
 
 # --------------------------------------------------------------------------- against the plain path
@@ -154,7 +160,7 @@ def test_packed_logits_metric_is_the_mean_over_real_tokens(engine, tokenizer, en
     torch.testing.assert_close(metrics["logits/chosen"], per_position[:half][real[:half]].mean())
     torch.testing.assert_close(metrics["logits/rejected"], per_position[half:][real[half:]].mean())
     # ... which is not TRL's figure over the padded block (unless nothing is padded)
-    plain = forward_pair(model, batch, average=False)
+    plain = pair_forward(model, batch, False, EngineConfig())
     assert abs(float(plain.chosen_logits_mean) - float(metrics["logits/chosen"])) > 1e-6
 
 
@@ -168,7 +174,6 @@ def test_training_with_every_switch_on_matches_plain_training(tokenizer, toy_row
         model = load_model(TINY, tokenizer)
         results[name] = train(model, tokenizer, data, data, LossSpec("simpo", beta=2.0), cfg,
                               HardwareConfig(cpu=True), str(tmp_path), engine=engine)
-        assert model.config._attn_implementation != SEGMENT_ATTENTION  # restored for saving and reuse
     for key, value in results["plain"].eval_metrics.items():
         if "logits/" not in key:
             assert results["shared"].eval_metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-5), key
@@ -194,16 +199,16 @@ def test_impossible_engine_switches_are_named(engine, key):
 def test_models_the_hidden_state_paths_cannot_compute_exactly_are_named_before_training(tokenizer):
     t5 = ModelConfig(name_or_path="pkg://cpo_exp/assets/tiny_t5", tokenizer=TINY.name_or_path, random_init=True)
     with pytest.raises(ValueError, match="causal LMs only; use engine=plain for an encoder-decoder"):
-        check_engine(load_model(t5, tokenizer), CHUNKED)
+        prepare_model(load_model(t5, tokenizer), CHUNKED)
     model = load_model(TINY, tokenizer)
-    check_engine(model, SHARED)
+    prepare_model(model, SHARED)
     with pytest.raises(ValueError, match="DeepSpeed ZeRO-3"):
-        check_engine(model, CHUNKED, zero3=True)
-    check_engine(model, EngineConfig(), zero3=True)  # the plain path runs anywhere
+        prepare_model(model, CHUNKED, zero3=True)
+    prepare_model(model, EngineConfig(), zero3=True)  # the plain path runs anywhere
     model.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
-        check_engine(model, CHUNKED)
+        prepare_model(model, CHUNKED)
     model.config.final_logit_softcapping = None
     model.config.output_router_logits = True  # a router loss that modeling_qwen2 has no function for
     with pytest.raises(ValueError, match="router aux loss of Qwen2ForCausalLM"):
-        check_engine(model, PACKED)
+        prepare_model(model, PACKED)

@@ -11,8 +11,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from cpo_exp.config import ModelConfig
-from cpo_exp.generation import (SamplingSpec, generate, len_ratio, exact_match, resolve_scorer,
-                                sacrebleu_signatures)
+from cpo_exp.generation import SamplingSpec, generate
+from cpo_exp.scorers import exact_match, len_ratio, resolve_scorer, sacrebleu_signatures
 from cpo_exp.models import load_model, load_tokenizer
 
 from conftest import QUICK, run_cli
@@ -36,7 +36,7 @@ def test_len_ratio_and_exact_match_by_hand():
 
 
 def test_scorers_resolve_from_an_import_path_and_unknown_ones_are_named():
-    assert resolve_scorer("cpo_exp.generation:exact_match") is exact_match
+    assert resolve_scorer("cpo_exp.scorers:exact_match") is exact_match
     with pytest.raises(ValueError, match="unknown scorer 'meteor'"):
         resolve_scorer("meteor")
     with pytest.raises(ValueError, match="cannot be imported"):
@@ -144,4 +144,9 @@ def test_generation_works_with_the_packed_engine(toy_rows, tmp_path):
                    TrainConfig(max_steps=2, logging_steps=1, progress_bar=False, save_model=False),
                    HardwareConfig(cpu=True), str(tmp_path), extra_eval=evaluator, engine=lean)
     assert "eval_gen/chrf" in result.eval_metrics
-    assert model.config._attn_implementation != "cpo_segments"  # restored after training
+    # The model keeps the packed attention, whose calls without segments are ordinary SDPA:
+    # it generates exactly what the same weights generate with SDPA itself.
+    assert model.config._attn_implementation == "cpo_segments"
+    kept = generate(model, tokenizer, [r["prompt"] for r in toy_rows], SamplingSpec(max_new_tokens=6, batch_size=4))
+    model.set_attn_implementation("sdpa")
+    assert generate(model, tokenizer, [r["prompt"] for r in toy_rows], SamplingSpec(max_new_tokens=6, batch_size=4)) == kept

@@ -177,7 +177,8 @@ def test_moe_router_loss_is_added_with_its_coefficient_and_logged(tmp_path, toy_
 
     from cpo_exp.config import ModelConfig
     from cpo_exp.data import PreferenceCollator, SequenceLengths, tokenize_dataset
-    from cpo_exp.engine import pair_loss, router_aux_loss_coef
+    from cpo_exp.engine import pair_loss
+    from cpo_exp.forward import router_aux_loss_coef
     from cpo_exp.losses import LossSpec
     from cpo_exp.models import load_model, load_tokenizer
 

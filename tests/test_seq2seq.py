@@ -7,9 +7,10 @@ import json
 import pytest
 import torch
 
-from cpo_exp.config import ModelConfig
+from cpo_exp.config import EngineConfig, ModelConfig
 from cpo_exp.data import SequenceLengths, collator_for, tokenize_row_seq2seq
-from cpo_exp.engine import forward_pair, pair_loss
+from cpo_exp.engine import pair_loss
+from cpo_exp.forward import pair_forward
 from cpo_exp.losses import LossSpec
 from cpo_exp.models import is_encoder_decoder, load_model, load_tokenizer
 
@@ -47,7 +48,7 @@ def test_completions_end_with_exactly_one_eos(tokenizer, toy_rows):
 def test_sequence_logps_match_a_hand_computation(model, tokenizer, toy_rows):
     rows = [tokenize_row_seq2seq(r, tokenizer, SequenceLengths()) for r in toy_rows[:2]]
     batch = collator_for(model.config, tokenizer.pad_token_id)(rows)
-    out = forward_pair(model, batch, average=False)
+    out = pair_forward(model, batch, False, EngineConfig())
     start = model.config.decoder_start_token_id
     for half, name in ((out.chosen_logps, "chosen_labels"), (out.rejected_logps, "rejected_labels")):
         for k, row in enumerate(rows):

@@ -15,7 +15,7 @@ import datasets
 
 from cpo_exp.data import formats
 from cpo_exp.data.schema import (
-    BAD_MESSAGES, EMPTY, IDENTICAL, MISSING, NO_SHARED_PROMPT, ROLES, ROW_ID, WRONG_TYPE, DataError, Problem,
+    BAD_MESSAGES, COLUMNS, EMPTY, IDENTICAL, MISSING, NO_SHARED_PROMPT, ROLES, ROW_ID, WRONG_TYPE, DataError, Problem,
 )
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,7 @@ def check_rows(dataset: datasets.Dataset, split: str, on_bad_rows: str, locate: 
     """
     check_columns(dataset, split, source or "data")
     has_prompt = "prompt" in dataset.column_names
-    columns = [c for c in ("prompt", "chosen", "rejected", ROW_ID) if c in dataset.column_names]
+    columns = [c for c in (*COLUMNS, ROW_ID) if c in dataset.column_names]
     problems, position = [], 0
     # Batched column reads: far faster than row by row, and memory stays bounded.
     for batch in dataset.select_columns(columns).iter(batch_size=1000):

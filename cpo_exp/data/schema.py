@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from cpo_exp.config import SequenceLengths  # noqa: F401 - the limits every stage applies
+
 COLUMNS = ("prompt", "chosen", "rejected")
 LABEL_PAD = -100
 # Roles a chat template is expected to know; anything else is a typo worth stopping for.
@@ -19,16 +21,6 @@ ROW_ID = "__row__"
 
 class DataError(ValueError):
     """Data that cannot be trained on; the message names the file, row and column."""
-
-
-@dataclass(frozen=True)
-class SequenceLengths:
-    """Length limits, as in TRL's CPOConfig (see README, "Data formats", truncation rules)."""
-
-    max_length: int = 1024
-    max_prompt_length: Optional[int] = 512
-    max_completion_length: Optional[int] = None
-    truncation_mode: str = "keep_end"
 
 
 @dataclass(frozen=True)

@@ -188,9 +188,3 @@ def split_and_cap(train: datasets.Dataset, evaluation: Optional[datasets.Dataset
     if evaluation is not None and cfg.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(cfg.max_eval_samples, len(evaluation))))
     return train, evaluation
-
-
-def load_splits(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, Optional[datasets.Dataset]]:
-    """Train and eval rows as configured, unchecked (for notebooks; the CLI uses ``prepare_data``)."""
-    train, evaluation = load_source(cfg, "train"), load_source(cfg, "eval")
-    return split_and_cap(train.dataset, evaluation.dataset if evaluation else None, cfg, seed)

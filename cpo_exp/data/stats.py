@@ -14,10 +14,9 @@ from typing import Any
 import datasets
 import numpy as np
 
-from cpo_exp.data.schema import SequenceLengths
+from cpo_exp.data.schema import COLUMNS, SequenceLengths
 
 PERCENTILES = (50, 90, 99)
-PARTS = ("prompt", "chosen", "rejected")
 
 
 @dataclass
@@ -35,7 +34,7 @@ class SplitStats:
 def split_stats(split: str, source: str, data_format: str, tokenized: datasets.Dataset, dropped: Counter) -> SplitStats:
     """Statistics of one tokenized split (with the ``*_tokens``/``truncated`` columns)."""
     tokens = {}
-    for part in PARTS:
+    for part in COLUMNS:
         counts = np.asarray(tokenized[f"{part}_tokens"])
         tokens[part] = {f"p{q}": float(np.percentile(counts, q)) for q in PERCENTILES} | {"max": float(counts.max())}
     return SplitStats(split, source, data_format, len(tokenized), Counter(dropped), int(sum(tokenized["truncated"])),
@@ -82,7 +81,7 @@ class DataSummary:
         for s in self.splits:
             share = 100 * s.truncated / s.rows if s.rows else 0.0
             tokens = "  ".join(
-                f"{part} {'/'.join(str(round(v)) for v in s.tokens[part].values())}" for part in PARTS
+                f"{part} {'/'.join(str(round(v)) for v in s.tokens[part].values())}" for part in COLUMNS
             )
             lines.append(f"  {s.split}: {s.rows} rows ({s.data_format}) from {s.source}; "
                          f"dropped {sum(s.dropped.values())} ({_reasons(s.dropped)}); "

@@ -1,0 +1,171 @@
+"""The steps of one job, without Hydra: what ``python -m cpo_exp`` and ``python -m cpo_exp.evaluate``
+both do once their config is composed.
+
+In the order a training job runs them (:func:`train_job`): record the config in the tracking
+run, import the heavy libraries while the run opens, load the tokenizer, prepare the data
+(before any model exists, so bad data costs seconds), build the model, train, and say where the
+wall time went (:class:`RunTimes`). The entry point (:mod:`cpo_exp.cli`) turns Hydra's config
+into a :class:`~cpo_exp.config.Config` and calls these; a notebook can call them too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from cpo_exp import checkpoint, interrupts
+from cpo_exp.checkpoint import CheckpointError, ResumePoint
+from cpo_exp.config import Config, ConfigError, flatten
+from cpo_exp.data import DataError, PreparedSplit, prepare_data, summarize
+from cpo_exp.tracking import Tracker, TrackingError, redact
+
+log = logging.getLogger("cpo_exp")
+
+# Errors that mean "the user asked for something impossible": shown as one clear line.
+USER_ERRORS = (ConfigError, DataError, TrackingError, FileNotFoundError, CheckpointError)
+
+
+def record_config(tracker: Tracker, public: dict[str, Any], output_dir: str, hydra_dir: Optional[Path]) -> None:
+    """The resolved config (secrets already redacted) as params and ``resolved_config.yaml``, and
+    the run's ``.hydra/`` record (redacted; the local files stay as they are) as ``hydra/``."""
+    tracker.log_params(flatten(public))
+    resolved_path = Path(output_dir) / "resolved_config.yaml"
+    resolved_path.write_text(OmegaConf.to_yaml(public))
+    tracker.log_artifact(str(resolved_path))
+    if hydra_dir is not None and hydra_dir.is_dir():
+        with tempfile.TemporaryDirectory() as tmp:
+            for file in sorted(hydra_dir.glob("*.yaml")):
+                tree = redact(OmegaConf.to_container(OmegaConf.load(file), resolve=False))
+                (Path(tmp) / file.name).write_text(OmegaConf.to_yaml(tree))
+            tracker.log_artifacts(tmp, "hydra")
+
+
+def train_job(cfg: Config, tracker: Tracker, public: dict[str, Any], point: Optional[ResumePoint],
+              clock: "RunClock"):
+    """Everything a training job does once its tracking run is open; returns the engine's result."""
+    # The heavy imports run while the tracking process opens the run.
+    import torch
+    import transformers
+
+    from cpo_exp import engine, models
+
+    quiet_progress_bars(cfg)
+    if cfg.hardware.num_threads is not None:
+        torch.set_num_threads(cfg.hardware.num_threads)
+    tracker.ready()  # an unusable store fails here, before any compute
+
+    tokenizer = models.load_tokenizer(cfg.model)
+    prepared = prepare(cfg, tokenizer, tracker)
+    transformers.set_seed(cfg.train.seed)
+    model = models.load_model(cfg.model, tokenizer)
+    tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters()),
+                        "model.trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                        "hardware.torch_threads": torch.get_num_threads()})
+    checkpointer = checkpoint.Checkpointer(cfg.output_dir, cfg.train.save_steps, cfg.train.save_total_limit,
+                                           flatten(public), tracker.run_id, point)
+    clock.training = time.perf_counter()
+    with interrupts.graceful_stop():
+        result = engine.train(
+            model, tokenizer, prepared["train"].dataset, prepared["eval"].dataset if "eval" in prepared else None,
+            cfg.loss_spec(), cfg.train, cfg.hardware, cfg.output_dir, tracker.log_metrics,
+            extra_eval=generation_eval(cfg, tokenizer, prepared.get("eval"), tracker),
+            checkpointer=checkpointer, engine=cfg.engine,
+        )
+    times = clock.times(result.step_seconds, result.eval_seconds)
+    tracker.log_metrics({"train_seconds": result.train_seconds, "train_tokens_per_second": result.tokens_per_second,
+                         "train_step_seconds": result.step_seconds, "eval_seconds": result.eval_seconds,
+                         "startup_seconds": times.startup, "outside_compute_fraction": times.outside_fraction},
+                        result.global_step)
+    log.info("done in %.1fs; outputs in %s", result.train_seconds, cfg.output_dir)
+    log.info("%s", times.summary())
+    return result
+
+
+def quiet_progress_bars(cfg: Config) -> None:
+    """Library progress bars only clutter log files and CI output."""
+    from cpo_exp.engine import show_progress
+
+    if not show_progress(cfg.train):
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+def prepare(cfg: Config, tokenizer, tracker: Tracker) -> dict[str, PreparedSplit]:
+    """Load, check and tokenize the data (before any model is loaded); log its summary."""
+    from cpo_exp.models import is_encoder_decoder
+
+    lengths = cfg.lengths()
+    prepared = prepare_data(cfg.data, tokenizer, lengths, cfg.train.seed, is_encoder_decoder(cfg.model))
+    summary = summarize(prepared, lengths)
+    log.info("%s", summary.text())
+    tracker.log_params(summary.params())
+    tracker.log_metrics(summary.metrics(), 0)
+    return prepared
+
+
+def generation_eval(cfg: Config, tokenizer, eval_split: Optional[PreparedSplit], tracker: Tracker):
+    """The ``eval.generate`` evaluator, logging its samples as the ``eval_samples.json`` table."""
+    if not cfg.eval.generate or eval_split is None:
+        return None
+    from cpo_exp.generation import GenerationEval, SamplingSpec
+    from cpo_exp.scorers import sacrebleu_signatures
+
+    e = cfg.eval
+    tracker.log_params({f"eval_gen.{k}_signature": v for k, v in sacrebleu_signatures().items()})
+    spec = SamplingSpec(e.max_new_tokens, e.do_sample, e.temperature, e.top_p, e.batch_size, e.seed)
+    return GenerationEval(tokenizer, eval_split.rows, e.num_prompts, spec, e.scorers,
+                          log_table=lambda data, step: tracker.log_table(data, "eval_samples.json"))
+
+
+@dataclasses.dataclass
+class RunClock:
+    """When a job began (the import of cpo_exp, or composition for a multirun's later jobs),
+    when its config was composed, and when training began."""
+
+    start: float
+    composed: float
+    training: float = 0.0
+
+    def times(self, steps: float, evals: float) -> "RunTimes":
+        return RunTimes(self.composed - self.start, self.training - self.composed,
+                        time.perf_counter() - self.training, steps, evals)
+
+
+@dataclasses.dataclass
+class RunTimes:
+    """Where a run's wall time went, from the import of cpo_exp to the end of training."""
+
+    imports: float  # Python, torch, Hydra, and composing the config
+    setup: float  # the rest of the start: tracking, the heavy imports, data, model
+    train: float  # engine.train: the loop, its evaluations, checkpoints, saving the model
+    steps: float  # forward, backward and optimizer steps
+    evals: float  # evaluations: their forwards, and generation when eval.generate is on
+
+    @property
+    def startup(self) -> float:
+        return self.imports + self.setup
+
+    @property
+    def wall(self) -> float:
+        return self.startup + self.train
+
+    @property
+    def outside_fraction(self) -> float:
+        return 1 - (self.steps + self.evals) / self.wall
+
+    def summary(self) -> str:
+        loop = self.train - self.steps - self.evals
+        return (f"wall {self.wall:.1f}s: forward/backward/optimizer steps {self.steps:.1f}s, evaluations "
+                f"{self.evals:.1f}s; outside them {self.wall - self.steps - self.evals:.1f}s "
+                f"({100 * self.outside_fraction:.0f}%): start-up {self.startup:.1f}s (imports and config "
+                f"{self.imports:.1f}s; tracking, data, model {self.setup:.1f}s), in the loop {loop:.1f}s "
+                "(batching, logging, checkpoints, saving)")
