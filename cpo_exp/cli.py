@@ -21,12 +21,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 import cpo_exp
 from cpo_exp import checkpoint, interrupts
 from cpo_exp.checkpoint import CheckpointError
-from cpo_exp.config import Config, ConfigError, flatten, parse_override, unflatten, validate
+from cpo_exp.config import Config, ConfigError, flatten, parse_override, unflatten, unknown_key, validate
 from cpo_exp.job import USER_ERRORS, RunClock, record_config, train_job
 from cpo_exp.sweep import SweepJob
 from cpo_exp.tracking import redact, tracked_run, tracking_uri
@@ -50,10 +50,34 @@ OmegaConf.register_new_resolver("cpo_exp.if_resume", lambda resume, then, other:
 _clock: Optional[float] = cpo_exp.IMPORTED_AT
 
 
+def config_groups() -> tuple[str, ...]:
+    """The config groups (``loss``, ``model``, ...): the folders of ``conf/``."""
+    return tuple(sorted(p.name for p in Path(config_dir()).iterdir() if p.is_dir()))
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Refuse a command-line key that is in no config group or schema, naming the closest valid key."""
+    groups = config_groups()
+    for override in overrides:
+        problem = unknown_key(override, groups)
+        if problem:
+            raise ConfigError(problem)
+
+
 def compose_config(overrides: list[str]) -> Config:
     """The config that ``python -m cpo_exp <overrides>`` runs, composed with Hydra's compose API."""
+    check_overrides(overrides)
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return OmegaConf.to_object(compose("config", overrides=overrides))
+        return typed_config(compose("config", overrides=overrides))
+
+
+def typed_config(dcfg: DictConfig) -> Config:
+    """The composed config as a :class:`Config`; a mandatory key left unset (``???``) is named."""
+    try:
+        return OmegaConf.to_object(dcfg)
+    except MissingMandatoryValue as err:
+        raise ConfigError(f"{err.full_key} must be set (it has no default): add {err.full_key}=... to the "
+                          "command line, e.g. model.name_or_path=<a local folder or a hub id> for model=hf") from None
 
 
 def run_name(overrides: list[str]) -> str:
@@ -120,7 +144,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
     point = checkpoint.open_resume_point(dcfg.resume) if dcfg.resume else None
     if point is not None:
         dcfg = resumed_config(dcfg, point, overrides)
-    cfg: Config = OmegaConf.to_object(dcfg)
+    cfg = typed_config(dcfg)
     cfg.output_dir = hydra_cfg.runtime.output_dir
 
     # validate before anything is opened or loaded
@@ -202,5 +226,11 @@ def main(dcfg: DictConfig) -> Optional[float]:
 
 
 def entry() -> None:
-    """``python -m cpo_exp`` and the ``cpo-exp`` console script."""
+    """``python -m cpo_exp`` and the ``cpo-exp`` console script: the command line's keys are checked
+    before Hydra composes anything (Hydra itself would accept a typo'd ``+key=value`` and train)."""
+    try:
+        check_overrides([arg for arg in sys.argv[1:] if not arg.startswith("-")])
+    except ConfigError as err:
+        print(f"cpo_exp: {err}", file=sys.stderr)
+        sys.exit(2)
     main()

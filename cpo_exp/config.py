@@ -11,6 +11,7 @@ the losses and the data pipeline receive the resulting objects and never see Hyd
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -392,3 +393,70 @@ def validate(cfg: Config) -> None:
     _require(not g.shared_prompt or g.packing, "engine.shared_prompt", "needs engine.packing=true",
              g.shared_prompt)
     _one_of("tracking.backend", cfg.tracking.backend, ("mlflow", "none"))
+
+
+# --------------------------------------------------------------------------- command-line keys
+
+
+def _schema_node(cls: type, key: str) -> tuple[Optional[str], list[str]]:
+    """``(None, [])`` when dotted ``key`` names a key of the dataclass ``cls`` (or lies inside one
+    of its free-form dicts); otherwise ``(the unknown part, the valid names at that level)``."""
+    import typing
+
+    node: Any = cls
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            prefix = ".".join(parts[:depth])
+            return ".".join(parts[:depth + 1]), [f"{prefix}.{name}" if prefix else name for name in hints]
+        kind = hints[part]
+        if typing.get_origin(kind) is typing.Union:  # Optional[...]
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if typing.get_origin(kind) is dict or kind is Any:
+            return None, []  # free-form: data.columns, data.adapter_args
+        if not dataclasses.is_dataclass(kind):
+            return (None, []) if depth == len(parts) - 1 else (key, [".".join(parts[:depth + 1])])
+        node = kind
+    return None, []
+
+
+def _closest(wrong: str, valid: list[str]) -> Optional[str]:
+    """The valid key a typo most likely meant: a close spelling (``los`` -> ``loss``), else the
+    shortest key whose last part has the typo's letters in order (``train.lr`` -> ``train.learning_rate``)."""
+    import difflib
+
+    leaf = wrong.rsplit(".", 1)[-1]
+    leaves = {v.rsplit(".", 1)[-1]: v for v in valid}  # compare the last parts: the prefix is shared
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+    if close:
+        return leaves[close[0]]
+
+    def has_in_order(name: str) -> bool:
+        letters = iter(name)
+        return name[:1] == leaf[:1] and all(c in letters for c in leaf)
+
+    candidates = [v for v in valid if has_in_order(v.rsplit(".", 1)[-1])]
+    return min(candidates, key=len) if candidates else None
+
+
+def unknown_key(override: str, groups: tuple[str, ...]) -> Optional[str]:
+    """Why a command-line override names no key of the config (or None when it does).
+
+    Hydra itself accepts ``+anything=...`` and would train with the typo ignored; this names the
+    key and suggests the closest valid one. ``groups`` are the config groups (``loss``, ``model``, ...)."""
+    parsed = parse_override(override)
+    if parsed is None:
+        return None
+    key = parsed[0]
+    if key.split(".")[0].split("/")[0] == "hydra" or key in groups or key.split("/")[0] in groups:
+        return None
+    wrong, valid = _schema_node(Config, key)
+    if wrong is None:
+        return None
+    if key == wrong:
+        valid = valid + list(groups)
+    suggestion = _closest(wrong, valid)
+    hint = f"did you mean {suggestion!r}? " if suggestion else ""
+    return (f"unknown config key {wrong!r} in {override!r}: {hint}(python -m cpo_exp --help lists the groups and "
+            "keys; --cfg job prints the whole config)")

@@ -161,19 +161,8 @@ def train(
     steps_per_epoch = max(1, len(train_loader) / cfg.gradient_accumulation_steps)
     aux_coef, show = router_aux_loss_coef(model), show_progress(cfg)
     result = TrainResult()
-
-    def run_eval(step: int) -> None:
-        if eval_loader is None:
-            return
-        started = time.perf_counter()
-        metrics = evaluate(model, eval_loader, spec, accelerator, show, aux_coef, engine)
-        if extra_eval is not None:
-            metrics.update(extra_eval(accelerator.unwrap_model(model), step))
-        result.eval_seconds += time.perf_counter() - started
-        result.eval_metrics = metrics
-        result.eval_history.append((step, metrics))
-        log_metrics(metrics, step)
-        log.info("eval step %d: %s", step, _brief(metrics, EVAL_PREFIX))
+    run_eval = _Evaluation(model, eval_loader, spec, accelerator, show, aux_coef, engine, extra_eval, log_metrics,
+                           result)
 
     # resume, or evaluate the untrained model
     log.info("training %d steps (%d pairs, batch %d x %d accumulation)", total_steps, len(train_set),
@@ -223,6 +212,36 @@ def train(
         save_model(accelerator, model, tokenizer, Path(output_dir) / "model")
     accelerator.wait_for_everyone()
     return result
+
+
+@dataclass
+class _Evaluation:
+    """``run_eval(step)``: the eval metrics (and ``extra_eval``'s) at ``step``, logged and kept in ``result``."""
+
+    model: torch.nn.Module
+    loader: Optional[DataLoader]
+    spec: LossSpec
+    accelerator: Accelerator
+    progress: bool
+    aux_coef: float
+    engine: EngineConfig
+    extra_eval: Optional[ExtraEval]
+    log_metrics: MetricsSink
+    result: TrainResult
+
+    def __call__(self, step: int) -> None:
+        if self.loader is None:
+            return
+        started = time.perf_counter()
+        metrics = evaluate(self.model, self.loader, self.spec, self.accelerator, self.progress, self.aux_coef,
+                           self.engine)
+        if self.extra_eval is not None:
+            metrics.update(self.extra_eval(self.accelerator.unwrap_model(self.model), step))
+        self.result.eval_seconds += time.perf_counter() - started
+        self.result.eval_metrics = metrics
+        self.result.eval_history.append((step, metrics))
+        self.log_metrics(metrics, step)
+        log.info("eval step %d: %s", step, _brief(metrics, EVAL_PREFIX))
 
 
 def _epoch(train_loader, state: LoopState):

@@ -10,18 +10,21 @@ into a :class:`~cpo_exp.config.Config` and calls these; a notebook can call them
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import OmegaConf
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from cpo_exp import checkpoint, interrupts
 from cpo_exp.checkpoint import CheckpointError, ResumePoint
-from cpo_exp.config import Config, ConfigError, flatten
+from cpo_exp.config import Config, ConfigError, HardwareConfig, flatten
 from cpo_exp.data import DataError, PreparedSplit, prepare_data, summarize
 from cpo_exp.tracking import Tracker, TrackingError, redact
 
@@ -55,6 +58,7 @@ def train_job(cfg: Config, tracker: Tracker, public: dict[str, Any], point: Opti
 
     from cpo_exp import engine, models
 
+    check_device(cfg.hardware, torch)
     quiet_progress_bars(cfg)
     if cfg.hardware.num_threads is not None:
         torch.set_num_threads(cfg.hardware.num_threads)
@@ -70,7 +74,9 @@ def train_job(cfg: Config, tracker: Tracker, public: dict[str, Any], point: Opti
     checkpointer = checkpoint.Checkpointer(cfg.output_dir, cfg.train.save_steps, cfg.train.save_total_limit,
                                            flatten(public), tracker.run_id, point)
     clock.training = time.perf_counter()
-    with interrupts.graceful_stop():
+    # Log lines go above the progress bar instead of through it.
+    redirect = logging_redirect_tqdm() if engine.show_progress(cfg.train) else contextlib.nullcontext()
+    with interrupts.graceful_stop(), redirect:
         result = engine.train(
             model, tokenizer, prepared["train"].dataset, prepared["eval"].dataset if "eval" in prepared else None,
             cfg.loss_spec(), cfg.train, cfg.hardware, cfg.output_dir, tracker.log_metrics,
@@ -85,6 +91,17 @@ def train_job(cfg: Config, tracker: Tracker, public: dict[str, Any], point: Opti
     log.info("done in %.1fs; outputs in %s", result.train_seconds, cfg.output_dir)
     log.info("%s", times.summary())
     return result
+
+
+def check_device(hardware: HardwareConfig, torch) -> None:
+    """``hardware.cpu=false`` (``hardware=gpu``, ``ddp``, ...) asks for an accelerator: refuse to
+    train on the CPU without a word when there is none."""
+    if hardware.cpu or torch.cuda.is_available() or torch.backends.mps.is_available():
+        return
+    build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")
+    raise ConfigError(f"hardware.cpu=false asks for a GPU, but none is visible ({build}; CUDA_VISIBLE_DEVICES="
+                      f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): run with hardware=cpu, or on a machine "
+                      "with a GPU and a CUDA build of torch")
 
 
 def quiet_progress_bars(cfg: Config) -> None:
@@ -108,7 +125,7 @@ def prepare(cfg: Config, tokenizer, tracker: Tracker) -> dict[str, PreparedSplit
     summary = summarize(prepared, lengths)
     log.info("%s", summary.text())
     tracker.log_params(summary.params())
-    tracker.log_metrics(summary.metrics(), 0)
+    tracker.log_table(summary.table(), "data/summary.json")
     return prepared
 
 

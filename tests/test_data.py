@@ -306,7 +306,7 @@ def test_skip_drops_bad_rows_counts_them_by_reason_and_goes_on(tmp_path, tokeniz
     assert "dropping 6 of 11 row(s) (3 missing, 2 empty, 1 identical)" in caplog.text
     summary = summarize(prepared, SequenceLengths())
     assert summary.params()["data.train_dropped_reasons"] == "3 missing, 2 empty, 1 identical, 1 no_room"
-    assert summary.metrics()["data/train/dropped"] == 7 and summary.metrics()["data/train/dropped/no_room"] == 1
+    assert summary.params()["data.train_dropped"] == 7 and summary.table()["dropped"] == [7]
 
 
 def test_nothing_left_after_skipping_is_an_error(tmp_path, tokenizer):
@@ -444,10 +444,12 @@ def test_summary_reports_rows_lengths_and_truncation(tmp_path, words):
     lengths = SequenceLengths(max_length=9, max_prompt_length=None)
     prepared = prepare_data(DataConfig(train_files=[str(path)]), words, lengths, 0)
     summary = summarize(prepared, lengths)
-    metrics = summary.metrics()
-    assert metrics["data/train/rows"] == 4 and metrics["data/train/truncated"] == 4
-    assert metrics["data/train/prompt_tokens/p50"] == 7 and metrics["data/train/chosen_tokens/max"] == 4
-    assert metrics["data/train/chosen_tokens/p50"] == 4 and metrics["data/train/rejected_tokens/p99"] == 3
+    table = summary.table()
+    assert table["rows"] == [4] and table["truncated"] == [4] and summary.params()["data.train_truncated"] == 4
+    assert table["prompt_tokens_p50"] == [7] and table["chosen_tokens_max"] == [4]
+    assert table["chosen_tokens_p50"] == [4] and table["rejected_tokens_p99"] == [3]
+    # three pairs with chosen one token longer than rejected (4 vs 3), one with chosen " c1" (2 vs 3)
+    assert table["length_diff_mean"] == [pytest.approx((3 * 1 - 1) / 4)] and table["chosen_longer"] == [0.75]
     assert summary.params()["data.train_format"] == "standard"
     assert "train: 4 rows (standard)" in summary.text() and "truncated 4 (100.0%)" in summary.text()
 
