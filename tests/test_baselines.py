@@ -283,11 +283,16 @@ def trl_configs():
     return orpo.ORPOConfig, dpo.DPOConfig
 
 
+def trl_defaults(config_cls, *keys: str) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    return {key: fields[key].default if fields[key].default is not dataclasses.MISSING
+            else fields[key].default_factory() for key in keys}
+
+
 def test_presets_carry_trls_orpo_and_dpo_defaults(trl_configs):
-    orpo_config, dpo_config = (
-        {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-         for f in dataclasses.fields(c)} for c in trl_configs
-    )
+    orpo_cls, dpo_cls = trl_configs
+    orpo_config = trl_defaults(orpo_cls, "beta")
+    dpo_config = trl_defaults(dpo_cls, "beta", "loss_type", "loss_weights")
     assert compose_config(["loss=orpo"]).beta == orpo_config["beta"]
     dpo = compose_config(["loss=dpo"])
     assert dpo.beta == dpo_config["beta"]
