@@ -182,8 +182,8 @@ def dpo_loss(
 
     The implicit rewards are ``r = beta * (logps - ref_logps)`` and
     ``losses = -log sigmoid(r_chosen - r_rejected)``, TRL's ``DPOTrainer`` with
-    ``loss_type="sigmoid"``. With ``label_smoothing = eps > 0`` it is cDPO (Mitchell 2023), DPO
-    for labels flipped with probability ``eps``:
+    ``loss_type="sigmoid"``. With ``label_smoothing = eps > 0`` it is cDPO (Mitchell 2023,
+    eq. 3), DPO for labels flipped with probability ``eps``:
     ``-(1 - eps) * log sigmoid(h) - eps * log sigmoid(-h)``, ``h = r_chosen - r_rejected``.
     (TRL 1.16 ignores ``label_smoothing`` for ``sigmoid``; earlier TRL versions computed cDPO.)
     At the first step the policy is the reference: rewards 0, every loss ``log 2``.
