@@ -17,8 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from cpo_exp.losses import LOSS_TYPES, NO_LABEL_SMOOTHING, LossSpec
-from cpo_exp.metrics import EVAL_PREFIX, PAIR_METRICS
+from cpo_exp.losses import LOSS_TYPES, NO_LABEL_SMOOTHING, NO_REWARD_SHAPE, LossSpec
+from cpo_exp.metrics import EVAL_PREFIX, LOSS_METRICS, PAIR_METRICS
 from cpo_exp.scorers import resolve_scorer
 
 
@@ -300,13 +300,19 @@ def validate(cfg: Config) -> None:
     _require(cfg.cpo_alpha >= 0, "cpo_alpha", "must be >= 0", cfg.cpo_alpha)
     _require(0 <= cfg.label_smoothing < 0.5, "label_smoothing", "must be in [0, 0.5)", cfg.label_smoothing)
     if cfg.label_smoothing > 0 and cfg.loss.name in NO_LABEL_SMOOTHING:
+        smoothed = "/".join(n for n in LOSS_TYPES if n not in NO_LABEL_SMOOTHING)
         raise ConfigError(
             f"label_smoothing={cfg.label_smoothing} has no meaning for loss={cfg.loss.name}: "
-            "the hinge and IPO losses have no label-smoothed form (TRL warns and ignores it). "
-            "Set label_smoothing=0 or use loss=sigmoid/simpo."
+            "the hinge, IPO and ORPO losses have no label-smoothed form (TRL ignores it, or has no such key). "
+            f"Set label_smoothing=0 or use loss={smoothed}."
         )
     _require(math.isfinite(cfg.simpo_gamma), "simpo_gamma", "must be finite", cfg.simpo_gamma)
     _require(math.isfinite(cfg.alpha), "alpha", "must be finite", cfg.alpha)
+    if cfg.alpha != 0 and cfg.loss.name in NO_REWARD_SHAPE:
+        raise ConfigError(
+            f"alpha={cfg.alpha} has no meaning for loss={cfg.loss.name}: AlphaPO's reward shape applies to the "
+            "reference-free CPO losses, not to ORPO's odds or DPO's reference log-ratios. Set alpha=0."
+        )
 
     _require(cfg.max_length > 1, "max_length", "must be > 1", cfg.max_length)
     if cfg.max_prompt_length is not None:
@@ -383,7 +389,8 @@ def validate(cfg: Config) -> None:
                  cfg.hardware.num_threads)
     # Generation scores can be the objective too, when they are computed.
     generated = tuple(f"eval_gen/{name}" for name in e.scorers) if e.generate else ()
-    _one_of("objective.metric", cfg.objective.metric, OBJECTIVE_METRICS + generated)
+    own = tuple(EVAL_PREFIX + name for name in LOSS_METRICS.get(cfg.loss.name, ()))  # e.g. ORPO's log odds
+    _one_of("objective.metric", cfg.objective.metric, OBJECTIVE_METRICS + own + generated)
     _one_of("objective.direction", cfg.objective.direction, ("maximize", "minimize"))
     g = cfg.engine
     _one_of("engine.logits", g.logits, ("full", "chunked"))

@@ -1,17 +1,20 @@
 """The one place that decides which metrics exist and what they are called.
 
-Names and definitions are TRL's ``CPOTrainer.get_batch_loss_metrics``: each value is a mean
-over one batch, and a logged value is the mean of the batch values in its logging window.
-Eval metrics carry the ``eval_`` prefix; ``eval_loss`` alone is weighted by the pairs of each
-batch, as transformers' evaluation loop weights it (TRL's other eval metrics are plain means of
-batch means, so they differ when the last batch is smaller).
+Names and definitions are TRL's ``CPOTrainer.get_batch_loss_metrics`` (and, for ORPO's
+extra two, ``ORPOTrainer``'s): each value is a mean over one batch, and a logged value is the
+mean of the batch values in its logging window. Eval metrics carry the ``eval_`` prefix;
+``eval_loss`` alone is weighted by the pairs of each batch, as transformers' evaluation loop
+weights it (TRL's other eval metrics are plain means of batch means, so they differ when the
+last batch is smaller).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 PAIR_METRICS = (
     "loss",
@@ -25,6 +28,8 @@ PAIR_METRICS = (
     "logits/chosen",
     "logits/rejected",
 )
+# The metrics only some losses have, by loss name (given ``log_odds`` in :func:`pair_metrics`).
+LOSS_METRICS = {"orpo": ("log_odds_ratio", "log_odds_chosen")}
 EVAL_PREFIX = "eval_"
 # Eval metrics averaged over the batches weighted by their rows (see the module docstring).
 ROW_WEIGHTED_EVAL = ("loss",)
@@ -39,8 +44,14 @@ def pair_metrics(
     rejected_logps: torch.Tensor,
     chosen_logits_mean: torch.Tensor,
     rejected_logits_mean: torch.Tensor,
+    log_odds: Optional[torch.Tensor] = None,
 ) -> dict[str, torch.Tensor]:
-    """Batch means as detached 0-d tensors (no host sync here; see :class:`MetricWindow`)."""
+    """Batch means as detached 0-d tensors (no host sync here; see :class:`MetricWindow`).
+
+    ``log_odds``: ORPO's per-pair log odds ratio (``losses.orpo_log_odds``), which adds TRL's
+    ``log_odds_ratio`` (the mean of ``log sigmoid(log_odds)``, not scaled by ``beta``) and
+    ``log_odds_chosen`` (the mean of ``log_odds``).
+    """
     values = {
         "loss": loss,
         "nll_loss": nll_loss,
@@ -53,6 +64,9 @@ def pair_metrics(
         "logits/chosen": chosen_logits_mean,
         "logits/rejected": rejected_logits_mean,
     }
+    if log_odds is not None:
+        values["log_odds_ratio"] = F.logsigmoid(log_odds).mean()
+        values["log_odds_chosen"] = log_odds.mean()
     return {name: value.detach().float() for name, value in values.items()}
 
 

@@ -47,7 +47,7 @@ def test_every_preset_composes_and_validates(group, option):
 def test_the_groups_the_brief_names_exist():
     groups = {g for g, _ in group_options()}
     assert {"model", "data", "loss", "hardware", "tracking"} <= groups
-    assert {o for g, o in group_options() if g == "loss"} == {"sigmoid", "hinge", "ipo", "simpo", "alphapo"}
+    assert {o for g, o in group_options() if g == "loss"} == {"sigmoid", "hinge", "ipo", "simpo", "alphapo", "orpo", "dpo"}
 
 
 def test_defaults_are_trl_cpoconfig_defaults():
@@ -89,7 +89,7 @@ def test_model_preset_sets_from_scratch_schedule_only_for_tiny():
         (["label_smoothing=0.5"], "label_smoothing must be in [0, 0.5)"),
         (["loss=hinge", "label_smoothing=0.1"], "no meaning for loss=hinge"),
         (["loss=ipo", "label_smoothing=0.1"], "no meaning for loss=ipo"),
-        (["loss.name=dpo"], "loss must be one of sigmoid, hinge, ipo, simpo, alphapo"),
+        (["loss.name=kto"], "loss must be one of sigmoid, hinge, ipo, simpo, alphapo, orpo, dpo"),
         (["max_prompt_length=2000"], "max_prompt_length must be in (0, max_length=1024)"),
         (["truncation_mode=middle"], "truncation_mode must be one of keep_end, keep_start"),
         (["train.learning_rate=0"], "train.learning_rate must be > 0"),

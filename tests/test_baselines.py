@@ -1,0 +1,441 @@
+"""ORPO and DPO in the loss group: hand-computed values, the stable log1mexp, the presets, and
+parity with TRL 1.16's ``ORPOTrainer.odds_ratio_loss`` and ``DPOTrainer`` (``loss_type=sigmoid``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from cpo_exp.cli import config_dir
+from cpo_exp.config import Config, ConfigError, validate
+from cpo_exp.losses import (
+    LOSS_TYPES,
+    LossSpec,
+    dpo_loss,
+    log1mexp,
+    orpo_log_odds,
+    orpo_loss,
+    preference_loss,
+    total_loss,
+)
+from cpo_exp.metrics import pair_metrics
+
+CPU = torch.device("cpu")
+
+
+def logsig(x: float) -> float:
+    return -math.log1p(math.exp(-x))
+
+
+def metrics_of(chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, log_odds=None, loss=None):
+    zero = torch.tensor(0.0)
+    return pair_metrics(zero if loss is None else loss, zero, chosen_rewards, rejected_rewards,
+                        chosen_logps, rejected_logps, zero, zero, log_odds=log_odds)
+
+
+# --------------------------------------------------------------------------- log1mexp
+
+def log1mexp_reference(x: float) -> float:
+    """``log(1 - e^x)`` in float64 by series, not by the formula under test: near 0
+    ``1 - e^x = -x (1 + x/2 + x^2/6 + x^3/24 + ...)``; far below ``log(1 - y) = -sum y^k / k``
+    with ``y = e^x <= 1/2``; between, the direct form (its cancellation costs at most
+    ``1e-16 / (1 - e^x)`` relative, < 1e-12 there)."""
+    if x > -1e-4:
+        return math.log(-x) + math.log1p(x / 2 + x * x / 6 + x ** 3 / 24)
+    if x > -math.log(2):
+        return math.log(1 - math.exp(x))
+    return -sum(math.exp(k * x) / k for k in range(1, 80))
+
+
+LOG1MEXP_POINTS = [-1e-30, -1e-20, -1e-12, -1e-8, -3e-8, -1e-6, -1e-3, -0.3, -math.log(2), -0.7, -3.0, -20.0, -80.0]
+
+
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 2e-6), (torch.float64, 1e-12)], ids=["float32", "float64"])
+def test_log1mexp_is_accurate_from_near_zero_to_far_below(dtype, rtol):
+    x = torch.tensor(LOG1MEXP_POINTS, dtype=dtype)
+    ours = log1mexp(x).tolist()
+    for xi, got in zip(x.tolist(), ours):  # the rounded input, so that only log1mexp's error counts
+        assert got == pytest.approx(log1mexp_reference(xi), rel=rtol, abs=1e-300), xi
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_log1mexp_of_exactly_zero_is_log_of_the_smallest_normal_float(dtype):
+    x = torch.tensor([0.0], dtype=dtype, requires_grad=True)
+    value = log1mexp(x)
+    value.sum().backward()
+    assert value.item() == pytest.approx(math.log(torch.finfo(dtype).tiny))  # -87.3 in float32
+    assert x.grad.item() == 0.0
+
+
+def test_log1mexp_has_a_finite_gradient_next_to_zero():
+    """d/dx log(1 - e^x) = e^x / (e^x - 1), about 1/x near 0; no NaN from the unused branch."""
+    x = torch.tensor([-1e-30, -1e-8, -2e-8, -0.5, -3.0], requires_grad=True)
+    log1mexp(x).sum().backward()
+    expected = [math.exp(v) / math.expm1(v) for v in x.tolist()]
+    assert x.grad.tolist() == pytest.approx(expected, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- ORPO by hand
+
+# Length-averaged likelihoods P and their odds P / (1 - P): 0.5 vs 0.25 (odds 1 vs 1/3),
+# 0.9 vs 0.1 (9 vs 1/9), 0.2 vs 0.8 (1/4 vs 4, a pair the model gets wrong).
+ORPO_CHOSEN = torch.tensor([math.log(0.5), math.log(0.9), math.log(0.2)], dtype=torch.float64)
+ORPO_REJECTED = torch.tensor([math.log(0.25), math.log(0.1), math.log(0.8)], dtype=torch.float64)
+ORPO_LOG_ODDS = [math.log(3), math.log(81), math.log(1 / 16)]
+# log sigmoid(log r) = log(r / (1 + r)): 3/4, 81/82, 1/17.
+ORPO_LOGSIG = [math.log(3 / 4), math.log(81 / 82), math.log(1 / 17)]
+
+
+def test_orpo_log_odds_is_the_log_ratio_of_the_odds():
+    assert orpo_log_odds(ORPO_CHOSEN, ORPO_REJECTED).tolist() == pytest.approx(ORPO_LOG_ODDS, rel=1e-12)
+
+
+def test_orpo_loss_is_beta_times_minus_log_sigmoid_of_the_log_odds():
+    beta = 0.1
+    losses, chosen_r, rejected_r = orpo_loss(ORPO_CHOSEN, ORPO_REJECTED, beta)
+    assert losses.tolist() == pytest.approx([-beta * v for v in ORPO_LOGSIG], rel=1e-12)
+    assert chosen_r.tolist() == pytest.approx([beta * math.log(p) for p in (0.5, 0.9, 0.2)])
+    assert rejected_r.tolist() == pytest.approx([beta * math.log(p) for p in (0.25, 0.1, 0.8)])
+    spec_losses, _, _ = preference_loss(ORPO_CHOSEN, ORPO_REJECTED, LossSpec("orpo", beta=beta))
+    assert torch.equal(spec_losses, losses)
+
+
+def test_orpo_objective_is_nll_plus_the_mean_odds_ratio_term():
+    losses, _, _ = orpo_loss(ORPO_CHOSEN, ORPO_REJECTED, 0.1)
+    nll = torch.tensor(2.0, dtype=torch.float64)
+    assert total_loss(losses, nll, 1.0).item() == pytest.approx(2.0 - 0.1 * sum(ORPO_LOGSIG) / 3)
+
+
+def test_orpo_metrics_are_trls_log_odds_ratio_and_log_odds_chosen():
+    _, chosen_r, rejected_r = orpo_loss(ORPO_CHOSEN, ORPO_REJECTED, 0.1)
+    metrics = metrics_of(chosen_r, rejected_r, ORPO_CHOSEN, ORPO_REJECTED,
+                         log_odds=orpo_log_odds(ORPO_CHOSEN, ORPO_REJECTED))
+    assert metrics["log_odds_ratio"].item() == pytest.approx(sum(ORPO_LOGSIG) / 3)  # not scaled by beta
+    assert metrics["log_odds_chosen"].item() == pytest.approx(sum(ORPO_LOG_ODDS) / 3)
+    assert metrics["rewards/accuracies"].item() == pytest.approx(2 / 3)
+
+
+def test_metrics_without_log_odds_have_no_orpo_metrics():
+    one = torch.tensor([1.0])
+    assert "log_odds_ratio" not in metrics_of(one, one, one, one)
+
+
+def test_orpo_stays_finite_at_an_averaged_log_prob_of_zero():
+    chosen = torch.tensor([0.0, -0.5], requires_grad=True)
+    rejected = torch.tensor([-0.2, 0.0], requires_grad=True)
+    losses, _, _ = orpo_loss(chosen, rejected, 0.1)
+    losses.sum().backward()
+    assert torch.isfinite(losses).all()
+    assert torch.isfinite(chosen.grad).all() and torch.isfinite(rejected.grad).all()
+    # A rejected completion the model is certain of: log odds log(1 - P) = log(tiny), about -87.3.
+    tiny = math.log(torch.finfo(torch.float32).tiny)
+    assert losses[1].item() == pytest.approx(-0.1 * logsig(-0.5 - log1mexp_reference(-0.5) + tiny), rel=1e-5)
+
+
+# --------------------------------------------------------------------------- DPO by hand
+
+POLICY_CHOSEN = torch.tensor([-10.0, -20.0, -7.0], dtype=torch.float64)
+POLICY_REJECTED = torch.tensor([-12.0, -15.0, -9.0], dtype=torch.float64)
+REF_CHOSEN = torch.tensor([-11.0, -18.0, -7.5], dtype=torch.float64)
+REF_REJECTED = torch.tensor([-11.0, -16.0, -9.5], dtype=torch.float64)
+# log-ratios: chosen [1, -2, 0.5], rejected [-1, 1, 0.5]; h = chosen - rejected = [2, -3, 0].
+CHOSEN_RATIOS, REJECTED_RATIOS, H = [1.0, -2.0, 0.5], [-1.0, 1.0, 0.5], [2.0, -3.0, 0.0]
+
+
+def test_dpo_rewards_are_beta_times_the_log_ratio_to_the_reference():
+    beta = 0.5
+    losses, chosen_r, rejected_r = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, beta)
+    assert losses.tolist() == pytest.approx([-logsig(beta * h) for h in H], rel=1e-12)
+    assert chosen_r.tolist() == pytest.approx([beta * r for r in CHOSEN_RATIOS])
+    assert rejected_r.tolist() == pytest.approx([beta * r for r in REJECTED_RATIOS])
+
+
+def test_dpo_accuracy_is_strict_so_a_tie_is_not_a_win():
+    _, chosen_r, rejected_r = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, 0.5)
+    metrics = metrics_of(chosen_r, rejected_r, POLICY_CHOSEN, POLICY_REJECTED)
+    assert metrics["rewards/accuracies"].item() == pytest.approx(1 / 3)  # h = 2 wins, -3 loses, 0 ties
+    assert metrics["rewards/margins"].item() == pytest.approx(0.5 * sum(H) / 3)
+
+
+def test_dpo_at_the_first_step_has_zero_rewards_and_loss_log_2():
+    """The policy starts as the reference: rewards, margins and accuracy 0, every loss log 2."""
+    logps_chosen, logps_rejected = torch.tensor([-31.5, -4.25]), torch.tensor([-12.0, -80.0])
+    spec = LossSpec("dpo", beta=0.1, cpo_alpha=0.0)
+    losses, chosen_r, rejected_r = preference_loss(logps_chosen, logps_rejected, spec,
+                                                   ref_chosen_logps=logps_chosen.clone(),
+                                                   ref_rejected_logps=logps_rejected.clone())
+    loss = total_loss(losses, torch.tensor(3.0), spec.cpo_alpha)
+    metrics = metrics_of(chosen_r, rejected_r, logps_chosen, logps_rejected, loss=loss)
+    assert metrics["rewards/chosen"].item() == 0.0 and metrics["rewards/rejected"].item() == 0.0
+    assert metrics["rewards/margins"].item() == 0.0
+    assert metrics["rewards/accuracies"].item() == 0.0
+    assert metrics["loss"].item() == pytest.approx(math.log(2), rel=1e-7)
+
+
+def test_cdpo_is_dpo_for_labels_flipped_with_probability_eps():
+    beta, eps = 0.5, 0.1
+    losses, _, _ = preference_loss(POLICY_CHOSEN, POLICY_REJECTED, LossSpec("dpo", beta=beta, label_smoothing=eps),
+                                   ref_chosen_logps=REF_CHOSEN, ref_rejected_logps=REF_REJECTED)
+    expected = [-(1 - eps) * logsig(beta * h) - eps * logsig(-beta * h) for h in H]
+    assert losses.tolist() == pytest.approx(expected, rel=1e-12)
+
+
+def test_rpo_is_dpo_plus_the_chosen_nll():
+    losses, _, _ = dpo_loss(POLICY_CHOSEN, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, 0.5)
+    nll = torch.tensor(1.5, dtype=torch.float64)
+    assert total_loss(losses, nll, 1.0).item() == pytest.approx(sum(-logsig(0.5 * h) for h in H) / 3 + 1.5)
+
+
+def test_dpo_without_reference_log_probs_is_refused():
+    with pytest.raises(ValueError, match="loss=dpo is measured against a reference model"):
+        preference_loss(POLICY_CHOSEN, POLICY_REJECTED, LossSpec("dpo"))
+    with pytest.raises(ValueError, match="pass both ref_chosen_logps and ref_rejected_logps"):
+        preference_loss(POLICY_CHOSEN, POLICY_REJECTED, LossSpec("dpo"), ref_chosen_logps=REF_CHOSEN)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "simpo", "orpo"])
+def test_reference_free_losses_refuse_reference_log_probs(name):
+    with pytest.raises(ValueError, match=f"loss={name} has no reference model"):
+        preference_loss(POLICY_CHOSEN, POLICY_REJECTED, LossSpec(name), ref_chosen_logps=REF_CHOSEN,
+                        ref_rejected_logps=REF_REJECTED)
+
+
+@pytest.mark.parametrize("name", ["orpo", "dpo"])
+def test_alphapo_reward_shape_is_refused_for_orpo_and_dpo(name):
+    refs = dict(ref_chosen_logps=REF_CHOSEN, ref_rejected_logps=REF_REJECTED) if name == "dpo" else {}
+    with pytest.raises(ValueError, match=f"no meaning for loss={name}"):
+        preference_loss(POLICY_CHOSEN, POLICY_REJECTED, LossSpec(name, alpha=0.25), **refs)
+
+
+def test_orpo_averages_log_probs_dpo_sums_them_and_only_dpo_has_a_reference():
+    assert LossSpec("orpo").average_log_prob and not LossSpec("dpo").average_log_prob
+    assert {n for n in LOSS_TYPES if LossSpec(n).reference} == {"dpo"}
+
+
+def test_dpo_rewards_and_orpo_rewards_carry_no_gradient():
+    chosen = POLICY_CHOSEN.clone().requires_grad_()
+    losses, chosen_r, _ = dpo_loss(chosen, POLICY_REJECTED, REF_CHOSEN, REF_REJECTED, 0.1)
+    assert losses.requires_grad and not chosen_r.requires_grad
+    losses, chosen_r, _ = orpo_loss(ORPO_CHOSEN.clone().requires_grad_(), ORPO_REJECTED, 0.1)
+    assert losses.requires_grad and not chosen_r.requires_grad
+
+
+# --------------------------------------------------------------------------- the presets
+
+def compose_config(overrides: list[str]) -> Config:
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return OmegaConf.to_object(compose("config", overrides=overrides))
+
+
+def test_orpo_preset_composes_with_trls_beta_and_an_nll_weight_of_one():
+    cfg = compose_config(["loss=orpo"])
+    validate(cfg)
+    spec = cfg.loss_spec()
+    assert (spec.name, spec.beta, spec.cpo_alpha, spec.average_log_prob) == ("orpo", 0.1, 1.0, True)
+
+
+def test_dpo_preset_composes_without_nll_and_rpo_is_an_explicit_cpo_alpha():
+    cfg = compose_config(["loss=dpo"])
+    validate(cfg)
+    spec = cfg.loss_spec()
+    assert (spec.name, spec.beta, spec.cpo_alpha, spec.reference) == ("dpo", 0.1, 0.0, True)
+    assert compose_config(["loss=dpo", "cpo_alpha=1"]).cpo_alpha == 1.0
+
+
+def test_dpo_with_label_smoothing_validates_as_cdpo():
+    cfg = compose_config(["loss=dpo", "label_smoothing=0.1"])
+    validate(cfg)
+    assert cfg.loss_spec().label_smoothing == 0.1
+
+
+def test_orpo_metrics_can_be_the_sweep_objective_only_for_orpo():
+    validate(compose_config(["loss=orpo", "objective.metric=eval_log_odds_ratio"]))
+    with pytest.raises(ConfigError, match="objective.metric must be one of"):
+        validate(compose_config(["loss=sigmoid", "objective.metric=eval_log_odds_ratio"]))
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["loss=orpo", "label_smoothing=0.1"], "label_smoothing=0.1 has no meaning for loss=orpo"),
+        (["loss=orpo", "alpha=0.25"], "alpha=0.25 has no meaning for loss=orpo"),
+        (["loss=dpo", "alpha=0.25"], "alpha=0.25 has no meaning for loss=dpo"),
+        (["loss=dpo", "label_smoothing=0.5"], "label_smoothing must be in [0, 0.5)"),
+    ],
+)
+def test_impossible_orpo_and_dpo_combinations_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(overrides))
+    assert message in str(err.value)
+
+
+@pytest.fixture
+def trl_configs():
+    orpo = pytest.importorskip("trl.experimental.orpo", reason="TRL (a test dependency) is not installed")
+    dpo = pytest.importorskip("trl", reason="TRL (a test dependency) is not installed")
+    return orpo.ORPOConfig, dpo.DPOConfig
+
+
+def trl_defaults(config_cls, *keys: str) -> dict:
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    return {key: fields[key].default if fields[key].default is not dataclasses.MISSING
+            else fields[key].default_factory() for key in keys}
+
+
+def test_presets_carry_trls_orpo_and_dpo_defaults(trl_configs):
+    orpo_cls, dpo_cls = trl_configs
+    orpo_config = trl_defaults(orpo_cls, "beta")
+    dpo_config = trl_defaults(dpo_cls, "beta", "loss_type", "loss_weights")
+    assert compose_config(["loss=orpo"]).beta == orpo_config["beta"]
+    dpo = compose_config(["loss=dpo"])
+    assert dpo.beta == dpo_config["beta"]
+    assert dpo_config["loss_type"] == ["sigmoid"] and dpo_config["loss_weights"] is None  # so no NLL: cpo_alpha 0
+    assert dpo.cpo_alpha == 0.0
+
+
+# --------------------------------------------------------------------------- against TRL
+
+@pytest.fixture
+def trl_orpo():
+    return pytest.importorskip("trl.experimental.orpo.orpo_trainer",
+                               reason="TRL (a test dependency) is not installed").ORPOTrainer
+
+
+@pytest.fixture
+def trl_dpo():
+    return pytest.importorskip("trl.trainer.dpo_trainer", reason="TRL (a test dependency) is not installed").DPOTrainer
+
+
+def random_averaged_logps(seed: int, n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Length-averaged log-probs in (-4, 0), a few of them next to 0."""
+    generator = torch.Generator().manual_seed(seed)
+    chosen = -torch.rand(n, generator=generator) * 4
+    rejected = -torch.rand(n, generator=generator) * 4
+    chosen[:3] = torch.tensor([-1e-3, -1e-5, -0.69])
+    rejected[3:5] = torch.tensor([-1e-4, -0.70])
+    return chosen, rejected
+
+
+@pytest.mark.parametrize("beta,seed", [(0.1, 0), (0.5, 1), (2.0, 2)])
+def test_orpo_matches_trl_odds_ratio_loss(trl_orpo, beta, seed):
+    chosen, rejected = random_averaged_logps(seed)
+    fake_trainer = SimpleNamespace(beta=beta, accelerator=SimpleNamespace(device=CPU))
+    their_terms, their_chosen_r, their_rejected_r, their_ratio, their_log_odds = trl_orpo.odds_ratio_loss(
+        fake_trainer, chosen, rejected)
+    losses, chosen_r, rejected_r = preference_loss(chosen, rejected, LossSpec("orpo", beta=beta))
+    tol = dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(losses, -their_terms, **tol)  # TRL's term is minus our loss
+    torch.testing.assert_close(chosen_r, their_chosen_r, **tol)
+    torch.testing.assert_close(rejected_r, their_rejected_r, **tol)
+    nll = torch.tensor(1.25)
+    torch.testing.assert_close(total_loss(losses, nll, 1.0), nll - their_terms.mean(), **tol)  # TRL's full ORPO loss
+    metrics = metrics_of(chosen_r, rejected_r, chosen, rejected, log_odds=orpo_log_odds(chosen, rejected))
+    torch.testing.assert_close(metrics["log_odds_ratio"], their_ratio, **tol)
+    torch.testing.assert_close(metrics["log_odds_chosen"], their_log_odds, **tol)
+
+
+def test_trl_log1mexp_has_a_nan_gradient_next_to_zero_where_ours_is_finite(trl_orpo):
+    """The quirk we do not copy: TRL's torch.where over both full branches."""
+    from trl.experimental.orpo.orpo_trainer import log1mexp as trl_log1mexp
+
+    x = torch.tensor([-1e-8], requires_grad=True)
+    trl_log1mexp(x).sum().backward()
+    assert torch.isnan(x.grad).all()
+    assert trl_log1mexp(torch.tensor([0.0])).item() == -math.inf
+    y = torch.tensor([-1e-8], requires_grad=True)
+    log1mexp(y).sum().backward()
+    torch.testing.assert_close(log1mexp(y.detach()), trl_log1mexp(y.detach()))
+    assert torch.isfinite(y.grad).all()
+
+
+def trl_dpo_step(trainer_cls, per_token_logps, completion_mask, ref_chosen, ref_rejected, beta,
+                 loss_types=("sigmoid",), loss_weights=(1.0,), label_smoothing=0.0):
+    """TRL 1.16's ``DPOTrainer._compute_loss`` itself, on a stand-in trainer and model whose
+    forward returns the given per-token log-probs (what its fused head returns), with the
+    reference log-probs precomputed. Returns TRL's loss and its logged metrics."""
+    batch, length = completion_mask.shape
+    outputs = SimpleNamespace(
+        log_probs=per_token_logps, entropy=torch.zeros(batch, length - 1),
+        mean_logits=torch.zeros(batch, length - 1), is_top1=torch.zeros(batch, length - 1, dtype=torch.bool),
+    )
+    accelerator = SimpleNamespace(device=CPU, gather=lambda t: t, gather_for_metrics=lambda t: t)
+    trainer = SimpleNamespace(
+        model=SimpleNamespace(training=True), accelerator=accelerator, aux_loss_enabled=False, ld_alpha=None,
+        precompute_ref_logps=True, f_divergence_type="reverse_kl", loss_types=list(loss_types),
+        loss_weights=list(loss_weights), beta=beta, label_smoothing=label_smoothing, use_weighting=False,
+        _metrics={"train": defaultdict(list)}, _total_train_tokens=0, _tp_size=1,
+    )
+    inputs = {
+        "input_ids": torch.ones(batch, length, dtype=torch.long), "attention_mask": torch.ones(batch, length),
+        "completion_mask": completion_mask, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected,
+    }
+    loss = trainer_cls._compute_loss(trainer, lambda **kwargs: outputs, inputs, return_outputs=False)
+    return loss, {name: values[-1] for name, values in trainer._metrics["train"].items()}
+
+
+def random_dpo_batch(seed: int, pairs: int = 6, length: int = 12):
+    """Per-token log-probs of ``[chosen; rejected]`` with a 3-token prompt and ragged padding."""
+    generator = torch.Generator().manual_seed(seed)
+    completion_mask = torch.zeros(2 * pairs, length, dtype=torch.long)
+    for row in range(2 * pairs):
+        end = int(torch.randint(5, length + 1, (1,), generator=generator))
+        completion_mask[row, 3:end] = 1
+    per_token = -torch.rand(2 * pairs, length - 1, generator=generator) * 3 * completion_mask[:, 1:]
+    logps = per_token.sum(1)  # what the engine's sequence_logps gives for a summed loss
+    ref = logps + torch.randn(2 * pairs, generator=generator)
+    return per_token, completion_mask, logps, ref
+
+
+DPO_CASES = [
+    dict(beta=0.1, cpo_alpha=0.0, seed=0),
+    dict(beta=0.5, cpo_alpha=0.0, seed=1),
+    dict(beta=0.1, cpo_alpha=1.0, seed=2),  # RPO: TRL's loss_type=[sigmoid, sft]
+    dict(beta=0.3, cpo_alpha=0.25, seed=3),
+    dict(beta=0.1, cpo_alpha=0.0, seed=4, at_reference=True),  # step 0
+]
+
+
+@pytest.mark.parametrize("case", DPO_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_dpo_matches_trl_dpo_trainer_sigmoid_loss(trl_dpo, case):
+    per_token, completion_mask, logps, ref = random_dpo_batch(case["seed"])
+    if case.get("at_reference"):
+        ref = logps.clone()
+    pairs = logps.shape[0] // 2
+    chosen, rejected, ref_chosen, ref_rejected = logps[:pairs], logps[pairs:], ref[:pairs], ref[pairs:]
+    spec = LossSpec("dpo", beta=case["beta"], cpo_alpha=case["cpo_alpha"])
+    loss_types, loss_weights = (("sigmoid", "sft"), (1.0, spec.cpo_alpha)) if spec.cpo_alpha else (("sigmoid",), (1.0,))
+    their_loss, theirs = trl_dpo_step(trl_dpo, per_token, completion_mask, ref_chosen, ref_rejected, spec.beta,
+                                      loss_types, loss_weights)
+
+    losses, chosen_r, rejected_r = preference_loss(chosen, rejected, spec, ref_chosen_logps=ref_chosen,
+                                                   ref_rejected_logps=ref_rejected)
+    chosen_mask = completion_mask[:pairs, 1:]
+    nll = -per_token[:pairs].sum() / chosen_mask.sum()  # the engine's nll_loss: chosen completion tokens
+    loss = total_loss(losses, nll, spec.cpo_alpha)
+    ours = metrics_of(chosen_r, rejected_r, chosen, rejected, loss=loss)
+    tol = dict(rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(loss, their_loss, **tol)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                 "logps/chosen", "logps/rejected"):
+        assert ours[name].item() == pytest.approx(theirs[name], rel=1e-6, abs=1e-6), name
+    if case.get("at_reference"):
+        assert theirs["rewards/accuracies"] == 0.0 and their_loss.item() == pytest.approx(math.log(2))
+
+
+def test_trl_ignores_label_smoothing_for_sigmoid_where_we_compute_cdpo(trl_dpo):
+    per_token, completion_mask, logps, ref = random_dpo_batch(5)
+    pairs = logps.shape[0] // 2
+    refs = dict(ref_chosen_logps=ref[:pairs], ref_rejected_logps=ref[pairs:])
+    their_loss, _ = trl_dpo_step(trl_dpo, per_token, completion_mask, ref[:pairs], ref[pairs:], 0.1,
+                                 label_smoothing=0.3)
+    plain, _, _ = preference_loss(logps[:pairs], logps[pairs:], LossSpec("dpo", beta=0.1), **refs)
+    cdpo, _, _ = preference_loss(logps[:pairs], logps[pairs:], LossSpec("dpo", beta=0.1, label_smoothing=0.3), **refs)
+    torch.testing.assert_close(plain.mean(), their_loss, rtol=1e-6, atol=1e-6)
+    assert abs(cdpo.mean().item() - their_loss.item()) > 1e-3
