@@ -34,11 +34,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from cpo_exp import interrupts
 from cpo_exp.checkpoint import Checkpointer, Position
 from cpo_exp.config import EngineConfig, HardwareConfig, TrainConfig
-from cpo_exp.data import PairRows
+from cpo_exp.data import REFERENCE_COLUMNS, PairRows
 from cpo_exp.forward import pair_collator, pair_forward, prepare_model, router_aux_loss_coef
-from cpo_exp.losses import LossSpec, preference_loss, total_loss
+from cpo_exp.losses import LossSpec, orpo_log_odds, preference_loss, total_loss
 from cpo_exp.metrics import EVAL_PREFIX, ROW_WEIGHTED_EVAL, MetricWindow, pair_metrics
 from cpo_exp.models import disable_dropout
+from cpo_exp.reference import with_reference
 
 log = logging.getLogger(__name__)
 
@@ -105,13 +106,17 @@ def pair_loss(model, batch, spec: LossSpec, aux_loss_coef: float = 0.0,
     ``router_aux_loss_coef`` of a model with ``output_router_logits``).
     """
     out = pair_forward(model, batch, spec.average_log_prob, engine)
-    losses, chosen_rewards, rejected_rewards = preference_loss(out.chosen_logps, out.rejected_logps, spec)
+    # A reference loss (DPO) reads the reference's log-probs from the batch (see cpo_exp.reference).
+    references = {name: batch[name] for name in REFERENCE_COLUMNS} if spec.reference else {}
+    losses, chosen_rewards, rejected_rewards = preference_loss(out.chosen_logps, out.rejected_logps, spec,
+                                                               **references)
     loss = total_loss(losses, out.nll_loss, spec.cpo_alpha)
     aux = out.aux_loss if aux_loss_coef and out.aux_loss is not None else None
     if aux is not None:
         loss = loss + aux_loss_coef * aux
+    log_odds = orpo_log_odds(out.chosen_logps, out.rejected_logps).detach() if spec.name == "orpo" else None
     metrics = pair_metrics(loss, out.nll_loss, chosen_rewards, rejected_rewards, out.chosen_logps,
-                           out.rejected_logps, out.chosen_logits_mean, out.rejected_logits_mean)
+                           out.rejected_logps, out.chosen_logits_mean, out.rejected_logits_mean, log_odds)
     if aux is not None:
         metrics["aux_loss"] = aux.detach().float()
     return loss, metrics
@@ -147,6 +152,11 @@ def train(
         disable_dropout(model)
     prepare_model(model, engine, zero3=getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3)
     collate = pair_collator(model.config, tokenizer, engine)
+    if spec.reference:  # the initial policy's log-probs of every pair, before any step changes it
+        splits = with_reference(model.to(accelerator.device), {"train": train_set, "eval": eval_set},
+                                {"train": cfg.per_device_train_batch_size, "eval": cfg.per_device_eval_batch_size},
+                                collate, engine, accelerator.device, accelerator.autocast)
+        train_set, eval_set = splits["train"], splits["eval"]
     train_loader = DataLoader(PairRows(train_set), batch_size=cfg.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate)
     eval_loader = (DataLoader(PairRows(eval_set), batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)

@@ -28,9 +28,10 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from cpo_exp.data import LABEL_PAD
-from cpo_exp.data.collate import Ids
+from cpo_exp.data.collate import Ids, reference_logps
 
 SEGMENT_ATTENTION = "cpo_segments"
+TOKEN_COLUMNS = ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels")
 
 # A segment: queries ``[start, stop)`` attend causally to themselves and fully to the keys of
 # ``[prefix_start, prefix_stop)`` (an empty range for a sequence of its own).
@@ -96,8 +97,9 @@ class PackingCollator:
         self.shared_prompt = shared_prompt
 
     def __call__(self, rows: list[dict[str, Ids]]) -> dict:
+        references = reference_logps(rows)
         # Python lists: the loops below index them element by element.
-        rows = [{name: _as_list(ids) for name, ids in row.items()} for row in rows]
+        rows = [{name: _as_list(row[name]) for name in TOKEN_COLUMNS} for row in rows]
         pairs = len(rows)
         ids: list[int] = []
         positions: list[int] = []
@@ -139,4 +141,5 @@ class PackingCollator:
             "token_seq": torch.tensor(token_seq, dtype=torch.long),
             "num_pairs": pairs,
             "num_tokens": sum(len(idx) for idx in where),
+            **references,
         }

@@ -15,13 +15,13 @@ from cpo_exp.data.checks import check_rows, row_problem
 from cpo_exp.data.collate import PairRows, PreferenceCollator, Seq2SeqPreferenceCollator, collator_for
 from cpo_exp.data.formats import to_standard
 from cpo_exp.data.pipeline import PreparedSplit, prepare_data, summarize
-from cpo_exp.data.schema import COLUMNS, LABEL_PAD, DataError, SequenceLengths
+from cpo_exp.data.schema import COLUMNS, LABEL_PAD, REFERENCE_COLUMNS, DataError, SequenceLengths
 from cpo_exp.data.stats import DataSummary
 from cpo_exp.data.tokenize import (encode_pair, encode_pair_seq2seq, tokenize_dataset, tokenize_row,
                                    tokenize_row_seq2seq, tokenize_split)
 
 __all__ = [
-    "COLUMNS", "LABEL_PAD", "DataError", "DataSummary", "PairRows", "PreferenceCollator", "PreparedSplit",
+    "COLUMNS", "LABEL_PAD", "REFERENCE_COLUMNS", "DataError", "DataSummary", "PairRows", "PreferenceCollator", "PreparedSplit",
     "Seq2SeqPreferenceCollator", "SequenceLengths", "check_rows", "collator_for", "encode_pair",
     "encode_pair_seq2seq", "prepare_data", "row_problem", "summarize", "to_standard",
     "tokenize_dataset", "tokenize_row", "tokenize_row_seq2seq", "tokenize_split",

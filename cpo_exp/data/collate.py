@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from cpo_exp.data.schema import LABEL_PAD, DataError
+from cpo_exp.data.schema import LABEL_PAD, REFERENCE_COLUMNS, DataError
 
 Ids = Sequence[int]  # a list of ids, or a numpy view of them (PairRows)
 
@@ -30,9 +30,12 @@ class PairRows(torch.utils.data.Dataset):
         # The rows in the dataset's order (a select/shuffle mapping is applied here, once).
         table = dataset.with_format("arrow")[:]
         self._len = table.num_rows
-        # The token columns; anything else (a row id, say) is no collator's business.
+        # The token columns and the reference log-probs; anything else (a row id, say) is no
+        # collator's business.
         self._columns = {field.name: _ListColumn(table.column(field.name)) for field in table.schema
                          if pa.types.is_list(field.type) or pa.types.is_large_list(field.type)}
+        self._scalars = {name: table.column(name).to_numpy() for name in REFERENCE_COLUMNS
+                         if name in table.column_names}
 
     def __len__(self) -> int:
         return self._len
@@ -45,6 +48,7 @@ class PairRows(torch.utils.data.Dataset):
         if len(indices) and (indices.min() < 0 or indices.max() >= self._len):
             raise IndexError(f"row index out of range for {self._len} rows")
         views = {name: column.rows(indices) for name, column in self._columns.items()}
+        views |= {name: values[indices] for name, values in self._scalars.items()}
         return [{name: views[name][k] for name in views} for k in range(len(indices))]
 
 
@@ -103,7 +107,7 @@ class PreferenceCollator:
         labels = [r["chosen_labels"] for r in rows] + [r["rejected_labels"] for r in rows]
         return {"input_ids": _pad(sequences, self.pad_token_id),
                 "attention_mask": _mask(sequences),
-                "labels": _pad(labels, LABEL_PAD)}
+                "labels": _pad(labels, LABEL_PAD), **reference_logps(rows)}
 
 
 class Seq2SeqPreferenceCollator:
@@ -125,7 +129,14 @@ class Seq2SeqPreferenceCollator:
         decoder_input_ids[:, 1:] = labels[:, :-1].masked_fill(labels[:, :-1] == LABEL_PAD, self.pad_token_id)
         return {"input_ids": _pad(prompts, self.pad_token_id),
                 "attention_mask": _mask(prompts),
-                "labels": labels, "decoder_input_ids": decoder_input_ids}
+                "labels": labels, "decoder_input_ids": decoder_input_ids, **reference_logps(rows)}
+
+
+def reference_logps(rows: list[dict]) -> dict[str, torch.Tensor]:
+    """The reference log-probs of the batch's pairs (``[B]`` each), when the rows carry them."""
+    if REFERENCE_COLUMNS[0] not in rows[0]:
+        return {}
+    return {name: torch.tensor(np.array([r[name] for r in rows]), dtype=torch.float32) for name in REFERENCE_COLUMNS}
 
 
 def collator_for(model_config, pad_token_id: int):

@@ -12,6 +12,8 @@ from cpo_exp.config import SequenceLengths  # noqa: F401 - the limits every stag
 
 COLUMNS = ("prompt", "chosen", "rejected")
 LABEL_PAD = -100
+# The reference model's summed log-probs of each pair, added for the losses that need them (DPO).
+REFERENCE_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 # Roles a chat template is expected to know; anything else is a typo worth stopping for.
 ROLES = ("system", "user", "assistant", "tool")
 # The column that carries each row's position in its source through splits and selects, so
