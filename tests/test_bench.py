@@ -54,7 +54,7 @@ def test_bench_runs_trl_and_our_engine_and_writes_the_figures(workdir):
         assert "rewards/margins" in result["final_metrics"]
     vs = report["vs_trl"]["packed+shared_prompt"]
     assert {"tokens_per_second_ratio", "peak_memory_ratio", "max_metric_rel_diff", "metric_abs_diff"} <= set(vs)
-    # the same model, data and batches: TRL's numbers, logits/* aside (see docs/performance.md)
+    # the same model, data and batches: TRL's numbers, logits/* aside (see docs/scale.md, "Performance switches")
     assert report["vs_trl"]["plain"]["max_metric_rel_diff"] < 1e-4
     assert vs["max_metric_rel_diff_excluding_logits"] < 1e-4
     assert "tok/s" in done.stdout
