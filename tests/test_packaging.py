@@ -22,6 +22,8 @@ def installed_wheel(tmp_path_factory) -> Path:
     names = zipfile.ZipFile(wheel).namelist()
     assert "cpo_exp/conf/config.yaml" in names and "cpo_exp/conf/loss/simpo.yaml" in names
     assert "cpo_exp/assets/tiny_qwen2/tokenizer.json" in names
+    # the benchmark is a script of the repository, not part of what is installed
+    assert not any(name.startswith("benchmarks/") or name.endswith("/bench.py") for name in names)
     target = tmp_path_factory.mktemp("site")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--quiet", "--target", str(target),
                     str(wheel)], check=True, capture_output=True)

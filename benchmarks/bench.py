@@ -1,11 +1,15 @@
 """Benchmark: our engine's pair forward variants against TRL's ``CPOTrainer`` on one workload.
 
-``python -m cpo_exp.bench --workload cpu-small`` runs every variant (``--variants``: ``trl``
+``python benchmarks/bench.py --workload cpu-small`` runs every variant (``--variants``: ``trl``
 and the keys of :data:`VARIANTS`) in a fresh subprocess (so that peak memory is each
 variant's own), one after the other, on the same randomly
 initialised model (same seed), the same synthetic preference pairs and the same batches, and
 prints tokens/s, time per step, peak memory and the metrics after the last step, with the
 ratios ours/TRL. ``--out FILE`` writes the figures as JSON.
+
+The script lives beside the package, not in it (the wheel carries only ``cpo_exp``): run it
+from a checkout with the project installed (``pip install -e ".[dev]"``; TRL comes with
+``dev``). Measured figures, each with its command: ``docs/performance.md``.
 
 What is measured, for every variant alike: a training loop of ``steps`` optimizer steps
 (collate the batch, loss and metrics, backward, clip the gradient norm to 1, AdamW step).
@@ -370,7 +374,7 @@ def _worker(args) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m cpo_exp.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python benchmarks/bench.py", description=__doc__.split("\n")[0])
     parser.add_argument("--workload", default="cpu-small", choices=sorted(WORKLOADS))
     parser.add_argument("--variants", default=",".join([TRL, *VARIANTS]),
                         help="comma-separated, from: " + ", ".join([TRL, *VARIANTS]))
@@ -408,7 +412,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for repeat in range(args.repeats):
             for variant in variants:
                 path = os.path.join(tmp, f"{variant}-{repeat}.json")
-                cmd = [sys.executable, "-m", "cpo_exp.bench", "--workload", w.name, "--worker", variant,
+                cmd = [sys.executable, os.path.abspath(__file__), "--workload", w.name, "--worker", variant,
                        "--result", path, "--steps", str(w.steps), "--prompt-scale", str(args.prompt_scale)]
                 subprocess.run(cmd, check=True)
                 result = json.load(open(path))
