@@ -236,17 +236,16 @@ def _our_steps(w: Workload, model, tokenizer, rows, engine: EngineConfig):
     import datasets
 
     from cpo_exp.data import PairRows, SequenceLengths, tokenize_dataset
-    from cpo_exp.engine import pair_collator, pair_loss
+    from cpo_exp.engine import pair_loss
+    from cpo_exp.forward import pair_collator, prepare_model
     from cpo_exp.losses import LossSpec
-    from cpo_exp.packing import SEGMENT_ATTENTION
 
     lengths = SequenceLengths(max_length=w.max_prompt + w.max_completion + 1, max_prompt_length=w.max_prompt)
     data = tokenize_dataset(datasets.Dataset.from_list(rows), tokenizer, lengths, "bench", "error")
     pairs = PairRows(data)  # the rows the engine's data loader reads
     data = [pairs[i] for i in range(len(pairs))]
     tokens = [len(r["chosen_input_ids"]) + len(r["rejected_input_ids"]) for r in data]
-    if engine.packing:
-        model.set_attn_implementation(SEGMENT_ATTENTION)
+    prepare_model(model, engine)  # as engine.train does
     collate = pair_collator(model.config, tokenizer, engine)
     spec = LossSpec("sigmoid", beta=0.1, cpo_alpha=1.0)
 
