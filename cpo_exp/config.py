@@ -190,8 +190,9 @@ class HardwareConfig:
     # "ddp", "fsdp", "deepspeed": the strategy the launcher must set up (accelerate launch with the
     # matching cpo_exp/launch/*.yaml); checked at start so a forgotten launcher fails before training.
     distributed: str = "no"
-    # torch intra-op threads; null keeps torch's default (all cores, or cores // n_jobs inside
-    # the workers of the joblib launcher, which sets OMP_NUM_THREADS for them).
+    # torch intra-op threads; null chooses: 1 for a model under 50M parameters (as fast idle, and
+    # it does not collapse on a busy machine), else torch's default (all cores, or cores // n_jobs
+    # inside the workers of the joblib launcher, which sets OMP_NUM_THREADS for them).
     num_threads: Optional[int] = None
 
 

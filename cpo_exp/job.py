@@ -60,17 +60,19 @@ def train_job(cfg: Config, tracker: Tracker, public: dict[str, Any], point: Opti
 
     check_device(cfg.hardware, torch)
     quiet_progress_bars(cfg)
-    if cfg.hardware.num_threads is not None:
-        torch.set_num_threads(cfg.hardware.num_threads)
     tracker.ready()  # an unusable store fails here, before any compute
 
     tokenizer = models.load_tokenizer(cfg.model)
     prepared = prepare(cfg, tokenizer, tracker)
     transformers.set_seed(cfg.train.seed)
     model = models.load_model(cfg.model, tokenizer)
-    tracker.log_params({"model.num_parameters": sum(p.numel() for p in model.parameters()),
+    parameters = sum(p.numel() for p in model.parameters())
+    threads, why = torch_threads(cfg.hardware, parameters, torch.get_num_threads())
+    torch.set_num_threads(threads)
+    log.info("torch threads: %d (%s)", threads, why)
+    tracker.log_params({"model.num_parameters": parameters,
                         "model.trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                        "hardware.torch_threads": torch.get_num_threads()})
+                        "hardware.torch_threads": threads})
     checkpointer = checkpoint.Checkpointer(cfg.output_dir, cfg.train.save_steps, cfg.train.save_total_limit,
                                            flatten(public), tracker.run_id, point)
     clock.training = time.perf_counter()
@@ -91,6 +93,23 @@ def train_job(cfg: Config, tracker: Tracker, public: dict[str, Any], point: Opti
     log.info("done in %.1fs; outputs in %s", result.train_seconds, cfg.output_dir)
     log.info("%s", times.summary())
     return result
+
+
+# Below this many parameters one thread is as fast as several on an idle machine (the ops are too
+# small to split) and several times faster on a busy one; see docs/performance.md, "Threads".
+SMALL_MODEL_PARAMETERS = 50_000_000
+
+
+def torch_threads(hardware: HardwareConfig, parameters: int, default: int) -> tuple[int, str]:
+    """The intra-op thread count for training, and why: ``hardware.num_threads`` if set, else one
+    thread for a small model, else torch's default (one per core; inside a joblib launcher's
+    worker, its share of the cores)."""
+    if hardware.num_threads is not None:
+        return hardware.num_threads, "hardware.num_threads"
+    if parameters < SMALL_MODEL_PARAMETERS:
+        return 1, (f"auto: a model of {parameters / 1e6:.1f}M parameters runs fastest on one thread, and does "
+                   "not slow down when other processes compete for the cores")
+    return default, "auto: torch's default for a model of this size; set hardware.num_threads to change it"
 
 
 def check_device(hardware: HardwareConfig, torch) -> None:

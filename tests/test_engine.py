@@ -167,3 +167,48 @@ def test_one_process_can_train_twice_with_different_precisions(tokenizer, toy_ro
         result = train(fresh_model(tokenizer), tokenizer, data, None, LossSpec("sigmoid"), cfg,
                        HardwareConfig(cpu=True, mixed_precision=precision), str(tmp_path))
         assert result.global_step == 1 and torch.isfinite(torch.tensor(result.train_metrics["loss"]))
+
+
+def test_eval_loss_weights_batches_by_their_pairs_as_trl(tokenizer, toy_rows, tmp_path):
+    """5 eval pairs in batches of 2: transformers' evaluation loop weights each batch's loss by its
+    rows (2, 2, 1); TRL's other metrics are plain means of the three batch means."""
+    from torch.utils.data import DataLoader
+
+    from cpo_exp.data import PairRows
+    from cpo_exp.engine import evaluate, new_accelerator
+
+    rows = toy_rows + [{"prompt": "Translate English to German.\nEnglish: the cat\nGerman:",
+                        "chosen": " die Katze", "rejected": " der Katze"}]
+    spec = LossSpec("sigmoid", beta=0.1, cpo_alpha=1.0)
+    model = fresh_model(tokenizer)
+    args = cpo.CPOConfig(output_dir=str(tmp_path), loss_type="sigmoid", beta=0.1, cpo_alpha=1.0, report_to=[],
+                         use_cpu=True, bf16=False, per_device_eval_batch_size=2, max_length=1024)
+    trainer = cpo.CPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             eval_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
+    theirs = trainer.evaluate()
+
+    data = tokenize_dataset(datasets.Dataset.from_list(rows), tokenizer, SequenceLengths(max_prompt_length=None),
+                            "eval", "error")
+    loader = DataLoader(PairRows(data), batch_size=2, collate_fn=PreferenceCollator(tokenizer.pad_token_id))
+    ours = evaluate(trainer.model, loader, spec, new_accelerator(cpu=True))
+    batch_losses = [pair_loss(trainer.model, batch, spec)[1]["loss"].item() for batch in loader]
+    plain_mean = sum(batch_losses) / 3
+    weighted = (2 * batch_losses[0] + 2 * batch_losses[1] + batch_losses[2]) / 5
+    assert abs(plain_mean - weighted) > 1e-5  # the two averages do differ here
+    assert ours["eval_loss"] == pytest.approx(weighted, rel=1e-6)
+    assert ours["eval_loss"] == pytest.approx(theirs["eval_loss"], rel=1e-5)
+    for name in ("rewards/accuracies", "rewards/margins", "nll_loss", "logps/chosen"):
+        assert ours["eval_" + name] == pytest.approx(theirs["eval_" + name], rel=1e-5, abs=1e-6), name
+
+
+def test_learning_rate_logged_is_the_rate_the_step_used(tokenizer, toy_rows, tmp_path):
+    """As TRL (transformers' Trainer reads it before the scheduler steps): linear decay from 1e-3
+    over 4 steps gives 1e-3, 7.5e-4, 5e-4, 2.5e-4 (not 7.5e-4 ... 0, the rate of the next step)."""
+    data = tokenize_dataset(datasets.Dataset.from_list(toy_rows * 4), tokenizer, SequenceLengths(), "train", "error")
+    cfg = TrainConfig(learning_rate=1e-3, per_device_train_batch_size=4, max_steps=4, logging_steps=1,
+                      progress_bar=False, save_model=False)
+    logged = []
+    train(fresh_model(tokenizer), tokenizer, data, None, LossSpec(), cfg, HardwareConfig(cpu=True), str(tmp_path),
+          lambda metrics, step: logged.append((step, metrics)))
+    rates = [m["learning_rate"] for _, m in logged if "learning_rate" in m]
+    assert rates == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
