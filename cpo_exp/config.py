@@ -162,6 +162,9 @@ class TrainConfig:
     save_total_limit: Optional[int] = None
     # A non-finite loss or gradient: "stop" fails the run, "skip" drops that optimizer step.
     on_nonfinite: str = "stop"
+    # Log the gradient norm of the preference and of the NLL term apart (grad_norm/preference,
+    # grad_norm/nll) at logging steps: an extra forward and two backward passes each time.
+    component_grad_norms: bool = False
 
 
 @dataclass

@@ -35,9 +35,9 @@ from cpo_exp import interrupts
 from cpo_exp.checkpoint import Checkpointer, Position
 from cpo_exp.config import EngineConfig, HardwareConfig, TrainConfig
 from cpo_exp.data import REFERENCE_COLUMNS, PairRows
-from cpo_exp.forward import pair_collator, pair_forward, prepare_model, router_aux_loss_coef
+from cpo_exp.forward import PairOutput, pair_collator, pair_forward, prepare_model, router_aux_loss_coef
 from cpo_exp.losses import LossSpec, orpo_log_odds, preference_loss, total_loss
-from cpo_exp.metrics import EVAL_PREFIX, ROW_WEIGHTED_EVAL, MetricWindow, pair_metrics
+from cpo_exp.metrics import EVAL_PREFIX, ROW_WEIGHTED_EVAL, MetricWindow, eval_diagnostics, pair_metrics
 from cpo_exp.models import disable_dropout
 from cpo_exp.reference import with_reference
 
@@ -81,6 +81,7 @@ class LoopState:
     finite: torch.Tensor = field(default_factory=lambda: torch.tensor(True))  # this accumulation so far
     grad_norm: torch.Tensor = field(default_factory=lambda: torch.tensor(0.0))
     learning_rate: float = 0.0  # the rate the last optimizer step used
+    component_norms: dict[str, float] = field(default_factory=dict)  # train.component_grad_norms
 
     @classmethod
     def at(cls, position: Position, device) -> "LoopState":
@@ -98,8 +99,20 @@ class LoopState:
         return Position(self.step, self.epoch, self.batches_in_epoch, window, self.skipped_steps)
 
 
-def pair_loss(model, batch, spec: LossSpec, aux_loss_coef: float = 0.0,
-              engine: EngineConfig = EngineConfig()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+@dataclass
+class PairStep:
+    """One batch through the pair forward and the loss: the objective, TRL's metrics, and the
+    per-pair values the diagnostics read."""
+
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    out: PairOutput
+    margins: torch.Tensor  # chosen minus rejected reward of each pair, detached
+    losses: torch.Tensor  # the preference term of each pair
+
+
+def pair_step(model, batch, spec: LossSpec, aux_loss_coef: float = 0.0,
+              engine: EngineConfig = EngineConfig()) -> PairStep:
     """The training objective of one batch and its metrics (TRL's ``get_batch_loss_metrics``).
 
     A mixture-of-experts model's router loss is added as ``aux_loss_coef * aux_loss`` (TRL:
@@ -119,7 +132,29 @@ def pair_loss(model, batch, spec: LossSpec, aux_loss_coef: float = 0.0,
                            out.rejected_logps, out.chosen_logits_mean, out.rejected_logits_mean, log_odds)
     if aux is not None:
         metrics["aux_loss"] = aux.detach().float()
-    return loss, metrics
+    return PairStep(loss, metrics, out, (chosen_rewards - rejected_rewards).detach(), losses)
+
+
+def pair_loss(model, batch, spec: LossSpec, aux_loss_coef: float = 0.0,
+              engine: EngineConfig = EngineConfig()) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``(objective, metrics)`` of one batch: :func:`pair_step` without the per-pair values."""
+    step = pair_step(model, batch, spec, aux_loss_coef, engine)
+    return step.loss, step.metrics
+
+
+def component_grad_norms(model, batch, spec: LossSpec, engine: EngineConfig) -> dict[str, float]:
+    """The gradient norm of each term of the objective on one batch: ``grad_norm/preference`` (of
+    ``mean(losses)``) and ``grad_norm/nll`` (of ``nll_loss``, before its weight ``cpo_alpha``), the
+    balance ``cpo_alpha`` is meant to set. Costs an extra forward and two backward passes."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = pair_step(model, batch, spec, engine=engine)
+
+    def norm(term: torch.Tensor, retain: bool) -> float:
+        grads = torch.autograd.grad(term, params, retain_graph=retain, allow_unused=True)
+        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float())
+                                                           for g in grads if g is not None])))
+
+    return {"grad_norm/preference": norm(step.losses.mean(), True), "grad_norm/nll": norm(step.out.nll_loss, False)}
 
 
 def train(
@@ -172,7 +207,10 @@ def train(
     aux_coef, show = router_aux_loss_coef(model), show_progress(cfg)
     result = TrainResult()
     run_eval = _Evaluation(model, eval_loader, spec, accelerator, show, aux_coef, engine, extra_eval, log_metrics,
-                           result)
+                           result, Path(output_dir) / "eval_start_logps.pt")
+    if cfg.component_grad_norms and accelerator.num_processes > 1:
+        raise ValueError("train.component_grad_norms=true runs on one process only (its extra backward passes "
+                         "would bypass the gradient synchronisation)")
 
     # resume, or evaluate the untrained model
     log.info("training %d steps (%d pairs, batch %d x %d accumulation)", total_steps, len(train_set),
@@ -238,13 +276,23 @@ class _Evaluation:
     extra_eval: Optional[ExtraEval]
     log_metrics: MetricsSink
     result: TrainResult
+    # The eval pairs' log-probs at step 0, which likelihood displacement is measured against; kept
+    # in the run dir, so that a resumed run measures against the same start.
+    start_file: Optional[Path] = None
+    start: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
     def __call__(self, step: int) -> None:
         if self.loader is None:
             return
         started = time.perf_counter()
-        metrics = evaluate(self.model, self.loader, self.spec, self.accelerator, self.progress, self.aux_coef,
-                           self.engine)
+        if self.start is None and step > 0 and self.start_file is not None and self.start_file.is_file():
+            self.start = tuple(torch.load(self.start_file))
+        metrics, logps = evaluate_pairs(self.model, self.loader, self.spec, self.accelerator, self.progress,
+                                        self.aux_coef, self.engine, self.start)
+        if step == 0:
+            self.start = logps
+            if self.start_file is not None and self.accelerator.is_main_process:
+                torch.save(list(logps), self.start_file)
         if self.extra_eval is not None:
             metrics.update(self.extra_eval(self.accelerator.unwrap_model(self.model), step))
         self.result.eval_seconds += time.perf_counter() - started
@@ -270,6 +318,9 @@ def _micro_step(model, batch, spec, aux_coef, engine, optimizer, scheduler, acce
                 state: LoopState, result: TrainResult, checkpointer) -> None:
     """Forward and backward one batch; at the end of an accumulation, clip and step (unless non-finite)."""
     update = True
+    if cfg.component_grad_norms and (state.step + 1) % cfg.logging_steps == 0:
+        with accelerator.autocast():
+            state.component_norms = component_grad_norms(model, batch, spec, engine)
     with accelerator.accumulate(model):
         with accelerator.autocast():  # the whole step, not only the model call
             loss, metrics = pair_loss(model, batch, spec, aux_coef, engine)
@@ -303,6 +354,8 @@ def _log_window(state: LoopState, accelerator: Accelerator, steps_per_epoch: flo
                   epoch=state.step / steps_per_epoch, tokens_per_second=state.window_tokens / elapsed)
     if state.skipped_steps:
         logged["nonfinite_skipped_steps"] = state.skipped_steps
+    logged.update(state.component_norms)
+    state.component_norms = {}
     log_metrics(logged, state.step)
     state.tokens += state.window_tokens
     state.window_tokens, state.window_start = 0, time.perf_counter()
@@ -311,17 +364,35 @@ def _log_window(state: LoopState, accelerator: Accelerator, steps_per_epoch: flo
 
 @torch.no_grad()
 def evaluate(model, loader, spec: LossSpec, accelerator: Accelerator, progress: bool = False,
-             aux_loss_coef: float = 0.0, engine: EngineConfig = EngineConfig()) -> dict[str, float]:
-    """Eval metrics over the whole loader, averaged over its batches as TRL averages them."""
+             aux_loss_coef: float = 0.0, engine: EngineConfig = EngineConfig(),
+             start: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict[str, float]:
+    """Eval metrics over the whole loader, averaged over its batches as TRL averages them, and the
+    per-pair diagnostics (:func:`cpo_exp.metrics.eval_diagnostics`, against ``start`` if given)."""
+    return evaluate_pairs(model, loader, spec, accelerator, progress, aux_loss_coef, engine, start)[0]
+
+
+@torch.no_grad()
+def evaluate_pairs(model, loader, spec: LossSpec, accelerator: Accelerator, progress: bool = False,
+                   aux_loss_coef: float = 0.0, engine: EngineConfig = EngineConfig(),
+                   start: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                   ) -> tuple[dict[str, float], tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`evaluate`, and the chosen and rejected log-probs of every eval pair (for ``start``)."""
     was_training = model.training
     model.eval()
-    window = MetricWindow()
+    window, pairs = MetricWindow(), []
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
         with accelerator.autocast():
-            _, metrics = pair_loss(model, batch, spec, aux_loss_coef, engine)
-        window.add(metrics, rows=batch["num_pairs"] if "num_pairs" in batch else batch["input_ids"].shape[0] // 2)
+            step = pair_step(model, batch, spec, aux_loss_coef, engine)
+        window.add(step.metrics, rows=step.margins.shape[0])
+        # Every process's pairs, without the ones accelerate repeats to even out the last batch.
+        pairs.append(accelerator.gather_for_metrics((step.out.chosen_logps.float(), step.out.rejected_logps.float(),
+                                                     step.margins.float(), step.out.length_diff)))
     model.train(was_training)
-    return reduce_across_processes(window.flush(EVAL_PREFIX, row_weighted=ROW_WEIGHTED_EVAL), accelerator)
+    metrics = reduce_across_processes(window.flush(EVAL_PREFIX, row_weighted=ROW_WEIGHTED_EVAL), accelerator)
+    chosen, rejected, margins, length_diff = (torch.cat(parts) for parts in zip(*pairs))
+    diagnostics = eval_diagnostics(chosen, rejected, margins, length_diff, start)
+    metrics.update({EVAL_PREFIX + name: value for name, value in diagnostics.items()})
+    return metrics, (chosen.cpu(), rejected.cpu())
 
 
 def reduce_across_processes(metrics: dict[str, float], accelerator: Accelerator) -> dict[str, float]:

@@ -45,10 +45,14 @@ class PairOutput:
     rejected_logits_mean: torch.Tensor
     # Mixture-of-experts models with ``output_router_logits``: the router load-balancing loss.
     aux_loss: Optional[torch.Tensor] = None
+    # Completion tokens of each pair's chosen minus its rejected (the length-bias diagnostics).
+    length_diff: Optional[torch.Tensor] = None
 
     @classmethod
     def of(cls, seqs: SequenceLogps, chosen_logits_mean, rejected_logits_mean, aux_loss=None) -> "PairOutput":
-        return cls(seqs.chosen, seqs.rejected, seqs.nll_loss, chosen_logits_mean, rejected_logits_mean, aux_loss)
+        half = seqs.tokens.shape[0] // 2
+        return cls(seqs.chosen, seqs.rejected, seqs.nll_loss, chosen_logits_mean, rejected_logits_mean, aux_loss,
+                   seqs.tokens[:half] - seqs.tokens[half:])
 
 
 def pair_forward(model, batch: dict, average: bool, engine: EngineConfig) -> PairOutput:

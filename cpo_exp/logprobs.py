@@ -127,6 +127,7 @@ class SequenceLogps:
 
     logps: torch.Tensor  # sums, or means over the sequence's labels when length-averaged
     nll_loss: torch.Tensor  # TRL's: cross-entropy averaged over all chosen labels of the batch
+    tokens: torch.Tensor  # the labels that count in each sequence (its completion's length)
 
     @property
     def chosen(self) -> torch.Tensor:
@@ -147,4 +148,4 @@ def sequence_logps(per_label: torch.Tensor, seq: torch.Tensor, sequences: int, a
     counts = torch.bincount(seq, minlength=sequences)
     half = sequences // 2
     return SequenceLogps(logps=sums / counts if average else sums,
-                         nll_loss=-sums[:half].sum() / counts[:half].sum())
+                         nll_loss=-sums[:half].sum() / counts[:half].sum(), tokens=counts)

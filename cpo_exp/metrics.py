@@ -115,3 +115,36 @@ class MetricWindow:
         self._values.clear()
         self._rows.clear()
         return {prefix + name: mean for name, mean in zip(names, means)}
+
+
+# Quantiles of the per-pair reward margin logged at each evaluation.
+MARGIN_QUANTILES = (0.1, 0.5, 0.9)
+
+
+def eval_diagnostics(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, margins: torch.Tensor,
+                     length_diff: torch.Tensor, start: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+                     ) -> dict[str, float]:
+    """Per-pair diagnostics of one evaluation over all eval pairs (``[N]`` tensors each).
+
+    - ``margins/p10``, ``p50``, ``p90``: quantiles of the reward margin (``rewards/margins`` is its mean);
+    - ``margins/length_corr``: Pearson correlation of a pair's margin with its length difference
+      (chosen minus rejected completion tokens): how much of the preference is length;
+    - with ``start`` (the same pairs' log-probs at step 0), likelihood displacement:
+      ``displacement/chosen_below_start`` (the share of pairs whose chosen log-prob fell below its
+      step-0 value), ``displacement/rejected_below_start``, and ``displacement/chosen_change`` /
+      ``rejected_change`` (the mean change). Chosen rewards falling together with rejected ones is
+      the displacement SimPO and AlphaPO users watch for.
+    """
+    margins = margins.double()
+    quantiles = torch.quantile(margins, torch.tensor(MARGIN_QUANTILES, dtype=torch.float64, device=margins.device))
+    out = {f"margins/p{round(100 * q)}": float(v) for q, v in zip(MARGIN_QUANTILES, quantiles)}
+    lengths = length_diff.double()
+    spread = margins.std(unbiased=False) * lengths.std(unbiased=False)
+    centred = ((margins - margins.mean()) * (lengths - lengths.mean())).mean()
+    out["margins/length_corr"] = float(centred / spread) if spread > 0 else 0.0
+    if start is not None:
+        for name, now, then in (("chosen", chosen_logps, start[0]), ("rejected", rejected_logps, start[1])):
+            change = (now.double() - then.double().to(now.device))
+            out[f"displacement/{name}_below_start"] = float((change < 0).double().mean())
+            out[f"displacement/{name}_change"] = float(change.mean())
+    return out
