@@ -10,28 +10,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 
-from cpo_exp.cli import check_launcher, check_shared_run_dir, config_dir
+from cpo_exp.cli import check_launcher, check_shared_run_dir
 from cpo_exp.config import Config, ConfigError, validate
 from cpo_exp.launch import PRESETS, config_file
 
 from conftest import run_cli, tiny_moe
 
 
-def compose_config(overrides: list[str], hydra: bool = False):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=hydra)
-
-
 @pytest.mark.parametrize("preset,strategy", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
                                              ("deepspeed_zero2", "DEEPSPEED"), ("deepspeed_zero3", "DEEPSPEED")])
-def test_distributed_presets_pair_with_an_accelerate_config_that_accelerate_reads(preset, strategy):
+def test_distributed_presets_pair_with_an_accelerate_config_that_accelerate_reads(compose, preset, strategy):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    cfg: Config = OmegaConf.to_object(compose_config([f"hardware={preset}"]))
+    cfg: Config = compose([f"hardware={preset}"])
     validate(cfg)
     assert cfg.hardware.mixed_precision == "bf16" and not cfg.hardware.cpu
     launcher = load_config_from_file(str(config_file(preset)))
@@ -70,9 +63,10 @@ def test_several_processes_need_one_explicit_run_dir():
     check_shared_run_dir(1, [], None)
 
 
-def test_slurm_launcher_preset_composes():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = compose_config(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], hydra=True)
+def test_slurm_launcher_preset_composes(compose):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                        reason="the SLURM launcher is an extra (pip install -e .[slurm], or .[dev])")
+    cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
     assert launcher.partition == "gpu" and launcher.tasks_per_node == 1 and launcher.signal_delay_s == 120
@@ -158,7 +152,7 @@ def test_lean_engine_under_fsdp2_gives_the_full_batch_gradients(tmp_path, toy_ro
 
 
 def test_lora_trains_adapters_only_and_saves_the_adapter(workdir):
-    pytest.importorskip("peft")
+    pytest.importorskip("peft", reason="LoRA needs the peft extra (pip install -e .[peft], or .[dev])")
     result = run_cli("model.peft=lora", "model.lora_r=4", "train.max_steps=2", "train.logging_steps=1",
                      "data.max_eval_samples=8", "hydra.run.dir=outputs/lora", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
