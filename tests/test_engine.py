@@ -40,8 +40,6 @@ def test_token_logps_shift_and_mask_by_hand():
 
 # --------------------------------------------------------------------------- against TRL
 
-cpo = pytest.importorskip("trl.experimental.cpo")
-
 SPECS = [
     LossSpec("sigmoid", beta=0.1, cpo_alpha=1.0),
     LossSpec("sigmoid", beta=0.5, cpo_alpha=1.0, label_smoothing=0.2),
@@ -53,7 +51,8 @@ SPECS = [
 ]
 
 
-def trl_trainer(model, tokenizer, rows, spec: LossSpec, tmp_path, max_length=1024):
+def trl_trainer(trl, model, tokenizer, rows, spec: LossSpec, tmp_path, max_length=1024):
+    cpo = trl.experimental.cpo
     args = cpo.CPOConfig(
         output_dir=str(tmp_path), loss_type=spec.name, beta=spec.beta, cpo_alpha=spec.cpo_alpha,
         simpo_gamma=spec.simpo_gamma, label_smoothing=spec.label_smoothing, alpha=spec.alpha,
@@ -65,9 +64,9 @@ def trl_trainer(model, tokenizer, rows, spec: LossSpec, tmp_path, max_length=102
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-a{s.cpo_alpha}-ls{s.label_smoothing}")
-def test_metrics_and_loss_equal_trl_cpotrainer(spec, tokenizer, toy_rows, tmp_path):
+def test_metrics_and_loss_equal_trl_cpotrainer(trl, spec, tokenizer, toy_rows, tmp_path):
     model = fresh_model(tokenizer)
-    trainer = trl_trainer(model, tokenizer, toy_rows, spec, tmp_path)
+    trainer = trl_trainer(trl, model, tokenizer, toy_rows, spec, tmp_path)
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(toy_rows))])
     trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, trl_batch)
 
@@ -76,6 +75,7 @@ def test_metrics_and_loss_equal_trl_cpotrainer(spec, tokenizer, toy_rows, tmp_pa
     loss, metrics = pair_loss(trainer.model, batch, spec)
 
     torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6)
+    assert metrics.keys() - {"loss"} == trl_metrics.keys()  # every TRL metric, and only those
     for name, value in metrics.items():
         if name == "loss":
             continue
@@ -85,10 +85,10 @@ def test_metrics_and_loss_equal_trl_cpotrainer(spec, tokenizer, toy_rows, tmp_pa
         assert value.item() == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name
 
 
-def test_gradients_equal_trl(tokenizer, toy_rows, tmp_path):
+def test_gradients_equal_trl(trl, tokenizer, toy_rows, tmp_path):
     spec = LossSpec("simpo", beta=2.0, cpo_alpha=1.0)
     model = fresh_model(tokenizer)
-    trainer = trl_trainer(model, tokenizer, toy_rows, spec, tmp_path)
+    trainer = trl_trainer(trl, model, tokenizer, toy_rows, spec, tmp_path)
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(toy_rows))])
     trainer.get_batch_loss_metrics(trainer.model, trl_batch)[0].backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -101,10 +101,10 @@ def test_gradients_equal_trl(tokenizer, toy_rows, tmp_path):
 
 
 @pytest.mark.parametrize("max_length", [1024, 24, 19])
-def test_tokenization_equals_trl(tokenizer, toy_rows, tmp_path, max_length):
+def test_tokenization_equals_trl(trl, tokenizer, toy_rows, tmp_path, max_length):
     """Same ids and labels as TRL, also when completions are truncated (no prompt truncation in TRL 1.16)."""
     model = fresh_model(tokenizer)
-    trainer = trl_trainer(model, tokenizer, toy_rows, LossSpec(), tmp_path, max_length=max_length)
+    trainer = trl_trainer(trl, model, tokenizer, toy_rows, LossSpec(), tmp_path, max_length=max_length)
     lengths = SequenceLengths(max_length=max_length, max_prompt_length=None)
     for k, row in enumerate(toy_rows):
         theirs = trainer.train_dataset[k]
