@@ -126,9 +126,10 @@ def tiny_run(tokenizer, rows, tmp_path, **train_kwargs):
     return result, logged
 
 
-def test_same_seed_same_metrics(tokenizer, toy_rows, tmp_path):
+def test_the_same_seed_gives_the_same_metrics(tokenizer, toy_rows, tmp_path):
     first, _ = tiny_run(tokenizer, toy_rows, tmp_path)
     second, _ = tiny_run(tokenizer, toy_rows, tmp_path)
+    assert {"eval_loss", "eval_rewards/accuracies"} <= first.eval_metrics.keys()  # not two empty dicts
     assert first.eval_metrics == second.eval_metrics
     assert first.train_metrics["loss"] == second.train_metrics["loss"]
 
