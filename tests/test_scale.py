@@ -63,13 +63,17 @@ def test_several_processes_need_one_explicit_run_dir():
     check_shared_run_dir(1, [], None)
 
 
-def test_slurm_launcher_preset_composes(compose):
+def test_slurm_launcher_preset_sets_its_resources_over_submitits_defaults(compose):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
                         reason="the SLURM launcher is an extra (pip install -e .[slurm], or .[dev])")
+    # partition: the example override in the preset's header, a key the launcher must know.
     cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert launcher.partition == "gpu" and launcher.tasks_per_node == 1 and launcher.signal_delay_s == 120
+    # submitit's defaults are 60 minutes and no CPUs or GPUs asked for.
+    assert (launcher.timeout_min, launcher.cpus_per_task, launcher.gpus_per_node) == (1440, 8, 1)
+    # One task per job (Hydra stays the outer process); 120 s between SIGTERM and the kill to checkpoint.
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.signal_delay_s) == (1, 1, 120)
 
 
 # --------------------------------------------------------------------------- 2 processes, gloo
