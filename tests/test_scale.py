@@ -49,7 +49,8 @@ def test_the_launch_command_in_the_error_message_prints_the_config_path():
 def test_fsdp_and_deepspeed_without_their_launcher_fail_before_training():
     with pytest.raises(ConfigError, match=r"accelerate launch --config_file \$\(python -m cpo_exp.launch fsdp\)"):
         check_launcher("fsdp", {})
-    with pytest.raises(ConfigError, match="hardware=deepspeed_zero2"):
+    with pytest.raises(ConfigError, match=r"hardware.distributed=deepspeed needs accelerate's launcher: .*"
+                                          r"--config_file \$\(python -m cpo_exp.launch deepspeed_zero2\)"):
         check_launcher("deepspeed", {"ACCELERATE_USE_FSDP": "true"})
     check_launcher("fsdp", {"ACCELERATE_USE_FSDP": "true"})
     check_launcher("ddp", {})
