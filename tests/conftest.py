@@ -1,4 +1,5 @@
-"""Shared fixtures: the real CLI in a subprocess, a temporary MLflow store, tiny real data."""
+"""Shared fixtures: the real CLI in a subprocess, the composed config, TRL for the parity tests,
+a temporary MLflow store, tiny real data."""
 
 from __future__ import annotations
 
@@ -25,6 +26,49 @@ def run_cli(*args: str, cwd: Path, env: dict | None = None, module: str = "cpo_e
         [sys.executable, "-m", module, *args], cwd=cwd, env=full_env, capture_output=True, text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """``compose(overrides, hydra=False)``: the config the CLI would run with these overrides, as
+    the typed ``Config`` (not yet validated); with ``hydra=True`` the ``DictConfig`` that also
+    holds the ``hydra`` node (launcher, sweeper, mode, runtime.choices), interpolations unresolved.
+    """
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf
+
+    from cpo_exp.cli import config_dir  # also stores the schema (cpo_exp_schema) the config names
+
+    def compose_config(overrides=(), hydra: bool = False):
+        GlobalHydra.instance().clear()  # whatever a test before left initialized
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra)
+        return cfg if hydra else OmegaConf.to_object(cfg)
+
+    return compose_config
+
+
+TRL_MISSING = "TRL is a test dependency (pip install -e .[dev]): the parity tests compare against it"
+
+
+@pytest.fixture(scope="session")
+def trl():
+    """TRL with ``trl.experimental.cpo`` and ``trl.data_utils`` imported: the reference of the parity
+    tests. A test that asks for it is skipped, saying why, where TRL is not installed; the
+    hand-computed tests next to it still run. An installed TRL without ``trl.experimental.cpo``
+    (older than the >=1.16 that pyproject.toml asks for) is an error, not a skip."""
+    import warnings
+
+    pytest.importorskip("trl", reason=TRL_MISSING)
+    with warnings.catch_warnings():
+        # TRL keeps CPO in trl.experimental; pyproject.toml pins TRL below 2, so the API holds.
+        warnings.filterwarnings("ignore", message="You are importing from 'trl.experimental'")
+        import trl.data_utils
+        import trl.experimental.cpo
+
+    return trl
 
 
 @pytest.fixture

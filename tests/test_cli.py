@@ -67,7 +67,7 @@ def test_simpo_without_nll_is_named_after_its_overrides(workdir):
 @pytest.mark.parametrize(
     "override,message",
     [("beta=-1", "beta must be > 0"), ("loss=dpo", "Could not find 'loss/dpo'"),
-     ("train.learning_rate=fast", "learning_rate")],
+     ("train.learning_rate=fast", "could not be converted to Float\n    full_key: train.learning_rate")],
 )
 def test_bad_override_fails_fast_and_trains_nothing(workdir, override, message):
     result = run_cli(override, cwd=workdir)

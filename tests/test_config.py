@@ -6,11 +6,13 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
+from omegaconf.errors import ConfigAttributeError, ValidationError
 
 from cpo_exp.cli import config_dir
-from cpo_exp.config import Config, ConfigError, validate
+from cpo_exp.config import Config, ConfigError, flatten, validate
+from cpo_exp.losses import LossSpec
 
 from conftest import REPO, run_cli
 
@@ -31,28 +33,33 @@ def group_options() -> list[tuple[str, str]]:
     )
 
 
-def compose_config(overrides: list[str]) -> Config:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        dcfg = compose("config", overrides=overrides)
-    return OmegaConf.to_object(dcfg)
-
-
 @pytest.mark.parametrize("group,option", group_options(), ids=lambda v: str(v))
-def test_every_preset_composes_and_validates(group, option):
-    cfg = compose_config([f"{group}={option}", *REQUIRED.get((group, option), [])])
-    validate(cfg)
-    assert isinstance(cfg, Config)
+def test_every_preset_composes_validates_and_its_values_win(compose, group, option):
+    """Every value a preset file sets is in the composed config: no later default (the schema, a
+    group after it) shadows it. Hydra's own ``defaults`` lists are checked by what they select."""
+    required = REQUIRED.get((group, option), [])
+    validate(compose([f"{group}={option}", *required]))
+    composed = flatten(OmegaConf.to_container(compose([f"{group}={option}", *required], hydra=True),
+                                              resolve=False, enum_to_str=True))
+    path = Path(config_dir()) / group / f"{option}.yaml"
+    preset = OmegaConf.to_container(OmegaConf.load(path))
+    preset.pop("defaults", None)
+    package = "" if path.read_text().startswith("# @package _global_") else f"{group}."
+    values = flatten(preset, package)
+    # The keys a preset leaves to the user (???) are the ones REQUIRED gives.
+    assert {k for k, v in values.items() if v == "???"} == {o.split("=")[0] for o in required}
+    expected = {k: v for k, v in values.items() if v != "???"}
+    assert {k: composed.get(k) for k in expected} == expected
 
 
-def test_the_groups_the_brief_names_exist():
+def test_the_config_groups_and_the_five_loss_presets_exist():
     groups = {g for g, _ in group_options()}
     assert {"model", "data", "loss", "hardware", "tracking"} <= groups
     assert {o for g, o in group_options() if g == "loss"} == {"sigmoid", "hinge", "ipo", "simpo", "alphapo", "orpo", "dpo"}
 
 
-def test_defaults_are_trl_cpoconfig_defaults():
-    trl_config = pytest.importorskip("trl.experimental.cpo").CPOConfig
-    theirs = {f.name: f.default for f in dataclasses.fields(trl_config)}
+def test_defaults_are_trl_cpoconfig_defaults(trl):
+    theirs = {f.name: f.default for f in dataclasses.fields(trl.experimental.cpo.CPOConfig)}
     ours = Config()
     for key in ("beta", "cpo_alpha", "simpo_gamma", "label_smoothing", "alpha", "max_length"):
         assert getattr(ours, key) == theirs[key], key
@@ -64,21 +71,22 @@ def test_defaults_are_trl_cpoconfig_defaults():
         assert getattr(ours.train, key) == theirs[key], key
 
 
-def test_simpo_override_switches_loss_and_keeps_cpo_alpha():
-    cfg = compose_config(["loss=simpo"])
+def test_simpo_preset_keeps_the_nll_term_until_cpo_alpha_is_zero(compose):
+    cfg = compose(["loss=simpo"])
     assert (cfg.loss.name, cfg.cpo_alpha) == ("simpo", 1.0)  # CPO-SimPO
-    cfg = compose_config(["loss=simpo", "cpo_alpha=0"])
-    assert cfg.loss_spec().cpo_alpha == 0.0
+    # Every field reaches the loss (TRL's defaults, each a different number).
+    assert compose(["loss=simpo", "cpo_alpha=0"]).loss_spec() == LossSpec(
+        "simpo", beta=0.1, cpo_alpha=0.0, simpo_gamma=0.5, label_smoothing=0.0, alpha=0.0)
 
 
-def test_alphapo_drops_nll_but_respects_an_explicit_cpo_alpha():
-    assert compose_config(["loss=alphapo"]).cpo_alpha == 0.0
-    assert compose_config(["loss=alphapo", "cpo_alpha=0.5"]).cpo_alpha == 0.5
+def test_alphapo_drops_nll_but_respects_an_explicit_cpo_alpha(compose):
+    assert compose(["loss=alphapo"]).cpo_alpha == 0.0
+    assert compose(["loss=alphapo", "cpo_alpha=0.5"]).cpo_alpha == 0.5
 
 
-def test_model_preset_sets_from_scratch_schedule_only_for_tiny():
-    assert compose_config([]).train.learning_rate == 1e-3
-    assert compose_config(REQUIRED[("model", "hf")] + ["model=hf"]).train.learning_rate == 1e-6
+def test_model_preset_sets_from_scratch_schedule_only_for_tiny(compose):
+    assert compose([]).train.learning_rate == 1e-3
+    assert compose(REQUIRED[("model", "hf")] + ["model=hf"]).train.learning_rate == 1e-6
 
 
 @pytest.mark.parametrize(
@@ -100,18 +108,22 @@ def test_model_preset_sets_from_scratch_schedule_only_for_tiny():
         (["eval.generate=true", "eval.scorers=[meteor]"], "eval.scorers: unknown scorer 'meteor'"),
     ],
 )
-def test_impossible_values_are_rejected_naming_the_key(overrides, message):
-    cfg = compose_config(overrides)
+def test_impossible_values_are_rejected_naming_the_key(compose, overrides, message):
+    cfg = compose(overrides)
     with pytest.raises(ConfigError) as err:
         validate(cfg)
     assert message in str(err.value)
 
 
-def test_wrong_types_and_unknown_keys_fail_at_composition():
-    with pytest.raises(Exception, match="beta"):
-        compose_config(["beta=abc"])
-    with pytest.raises(Exception, match="betta"):
-        compose_config(["betta=0.1"])
+def test_wrong_types_and_unknown_keys_fail_at_composition_naming_the_key(compose):
+    with pytest.raises(ConfigCompositionException, match="Error merging override beta=abc") as err:
+        compose(["beta=abc"])
+    assert isinstance(err.value.__cause__, ValidationError)  # the schema's type, not our validate()
+    assert "Value 'abc' of type 'str' could not be converted to Float" in str(err.value.__cause__)
+    with pytest.raises(ConfigCompositionException, match="Could not override 'betta'") as err:
+        compose(["betta=0.1"])
+    assert isinstance(err.value.__cause__, ConfigAttributeError)
+    assert "Key 'betta' not in 'Config'" in str(err.value.__cause__)
 
 
 def test_cfg_job_prints_the_snapshot_of_the_default_config(workdir):

@@ -46,8 +46,6 @@ def test_label_logps_and_their_per_sequence_sums_and_means_by_hand():
 
 # --------------------------------------------------------------------------- against TRL
 
-cpo = pytest.importorskip("trl.experimental.cpo")
-
 SPECS = [
     LossSpec("sigmoid", beta=0.1, cpo_alpha=1.0),
     LossSpec("sigmoid", beta=0.5, cpo_alpha=1.0, label_smoothing=0.2),
@@ -59,7 +57,8 @@ SPECS = [
 ]
 
 
-def trl_trainer(model, tokenizer, rows, spec: LossSpec, tmp_path, max_length=1024):
+def trl_trainer(trl, model, tokenizer, rows, spec: LossSpec, tmp_path, max_length=1024):
+    cpo = trl.experimental.cpo
     args = cpo.CPOConfig(
         output_dir=str(tmp_path), loss_type=spec.name, beta=spec.beta, cpo_alpha=spec.cpo_alpha,
         simpo_gamma=spec.simpo_gamma, label_smoothing=spec.label_smoothing, alpha=spec.alpha,
@@ -71,9 +70,9 @@ def trl_trainer(model, tokenizer, rows, spec: LossSpec, tmp_path, max_length=102
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.name}-a{s.cpo_alpha}-ls{s.label_smoothing}")
-def test_metrics_and_loss_equal_trl_cpotrainer(spec, tokenizer, toy_rows, tmp_path):
+def test_metrics_and_loss_equal_trl_cpotrainer(trl, spec, tokenizer, toy_rows, tmp_path):
     model = fresh_model(tokenizer)
-    trainer = trl_trainer(model, tokenizer, toy_rows, spec, tmp_path)
+    trainer = trl_trainer(trl, model, tokenizer, toy_rows, spec, tmp_path)
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(toy_rows))])
     trl_loss, trl_metrics = trainer.get_batch_loss_metrics(trainer.model, trl_batch)
 
@@ -82,6 +81,7 @@ def test_metrics_and_loss_equal_trl_cpotrainer(spec, tokenizer, toy_rows, tmp_pa
     loss, metrics = pair_loss(trainer.model, batch, spec)
 
     torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=1e-6)
+    assert metrics.keys() - {"loss"} == trl_metrics.keys()  # every TRL metric, and only those
     for name, value in metrics.items():
         if name == "loss":
             continue
@@ -91,10 +91,10 @@ def test_metrics_and_loss_equal_trl_cpotrainer(spec, tokenizer, toy_rows, tmp_pa
         assert value.item() == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name
 
 
-def test_gradients_equal_trl(tokenizer, toy_rows, tmp_path):
+def test_gradients_equal_trl(trl, tokenizer, toy_rows, tmp_path):
     spec = LossSpec("simpo", beta=2.0, cpo_alpha=1.0)
     model = fresh_model(tokenizer)
-    trainer = trl_trainer(model, tokenizer, toy_rows, spec, tmp_path)
+    trainer = trl_trainer(trl, model, tokenizer, toy_rows, spec, tmp_path)
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(toy_rows))])
     trainer.get_batch_loss_metrics(trainer.model, trl_batch)[0].backward()
     expected = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -107,10 +107,10 @@ def test_gradients_equal_trl(tokenizer, toy_rows, tmp_path):
 
 
 @pytest.mark.parametrize("max_length", [1024, 24, 19])
-def test_tokenization_equals_trl(tokenizer, toy_rows, tmp_path, max_length):
+def test_tokenization_equals_trl(trl, tokenizer, toy_rows, tmp_path, max_length):
     """Same ids and labels as TRL, also when completions are truncated (no prompt truncation in TRL 1.16)."""
     model = fresh_model(tokenizer)
-    trainer = trl_trainer(model, tokenizer, toy_rows, LossSpec(), tmp_path, max_length=max_length)
+    trainer = trl_trainer(trl, model, tokenizer, toy_rows, LossSpec(), tmp_path, max_length=max_length)
     lengths = SequenceLengths(max_length=max_length, max_prompt_length=None)
     for k, row in enumerate(toy_rows):
         theirs = trainer.train_dataset[k]
@@ -132,9 +132,10 @@ def tiny_run(tokenizer, rows, tmp_path, **train_kwargs):
     return result, logged
 
 
-def test_same_seed_same_metrics(tokenizer, toy_rows, tmp_path):
+def test_the_same_seed_gives_the_same_metrics(tokenizer, toy_rows, tmp_path):
     first, _ = tiny_run(tokenizer, toy_rows, tmp_path)
     second, _ = tiny_run(tokenizer, toy_rows, tmp_path)
+    assert {"eval_loss", "eval_rewards/accuracies"} <= first.eval_metrics.keys()  # not two empty dicts
     assert first.eval_metrics == second.eval_metrics
     assert first.train_metrics["loss"] == second.train_metrics["loss"]
 
@@ -169,7 +170,7 @@ def test_one_process_can_train_twice_with_different_precisions(tokenizer, toy_ro
         assert result.global_step == 1 and torch.isfinite(torch.tensor(result.train_metrics["loss"]))
 
 
-def test_eval_loss_weights_batches_by_their_pairs_as_trl(tokenizer, toy_rows, tmp_path):
+def test_eval_loss_weights_batches_by_their_pairs_as_trl(trl, tokenizer, toy_rows, tmp_path):
     """5 eval pairs in batches of 2: transformers' evaluation loop weights each batch's loss by its
     rows (2, 2, 1); TRL's other metrics are plain means of the three batch means."""
     from torch.utils.data import DataLoader
@@ -181,6 +182,7 @@ def test_eval_loss_weights_batches_by_their_pairs_as_trl(tokenizer, toy_rows, tm
                         "chosen": " die Katze", "rejected": " der Katze"}]
     spec = LossSpec("sigmoid", beta=0.1, cpo_alpha=1.0)
     model = fresh_model(tokenizer)
+    cpo = trl.experimental.cpo
     args = cpo.CPOConfig(output_dir=str(tmp_path), loss_type="sigmoid", beta=0.1, cpo_alpha=1.0, report_to=[],
                          use_cpu=True, bf16=False, per_device_eval_batch_size=2, max_length=1024)
     trainer = cpo.CPOTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),

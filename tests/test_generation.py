@@ -39,7 +39,7 @@ def test_scorers_resolve_from_an_import_path_and_unknown_ones_are_named():
     assert resolve_scorer("cpo_exp.scorers:exact_match") is exact_match
     with pytest.raises(ValueError, match="unknown scorer 'meteor'"):
         resolve_scorer("meteor")
-    with pytest.raises(ValueError, match="cannot be imported"):
+    with pytest.raises(ValueError, match="scorer 'no_such_module:fn' cannot be imported: No module named"):
         resolve_scorer("no_such_module:fn")
 
 

@@ -47,7 +47,7 @@ def test_simpo_subtracts_gamma_over_beta_margin():
     assert losses.tolist() == pytest.approx([-logsig(beta * d - gamma) for d in DIFF])
 
 
-def test_alphapo_reward_shape():
+def test_alphapo_reward_is_one_minus_p_to_the_minus_alpha_over_alpha():
     alpha = 0.25
     p = [math.exp(x) for x in CHOSEN.tolist()]
     expected = [(1 - pi ** (-alpha)) / alpha for pi in p]
@@ -84,8 +84,6 @@ def test_rewards_carry_no_gradient():
 
 # --------------------------------------------------------------------------- against TRL
 
-trl_cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
-
 TRL_CASES = [
     dict(name="sigmoid", beta=0.1),
     dict(name="sigmoid", beta=0.5, label_smoothing=0.3),
@@ -99,7 +97,7 @@ TRL_CASES = [
 
 
 @pytest.mark.parametrize("case", TRL_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_matches_trl_cpo_loss(case):
+def test_losses_and_rewards_equal_trl_cpo_loss(trl, case):
     spec = LossSpec(**case)
     trl_type = "simpo" if spec.name == "alphapo" else spec.name  # TRL's alphapo is simpo + alpha
     fake_trainer = SimpleNamespace(
@@ -109,7 +107,8 @@ def test_matches_trl_cpo_loss(case):
     generator = torch.Generator().manual_seed(0)
     chosen = -torch.rand(16, generator=generator, dtype=torch.float64) * 3
     rejected = -torch.rand(16, generator=generator, dtype=torch.float64) * 3
-    expected = trl_cpo.CPOTrainer.cpo_loss(fake_trainer, chosen, rejected)
+    expected = trl.experimental.cpo.CPOTrainer.cpo_loss(fake_trainer, chosen, rejected)
     ours = preference_loss(chosen, rejected, spec)
+    assert len(ours) == len(expected) == 3  # (losses, chosen_rewards, rejected_rewards)
     for mine, theirs in zip(ours, expected):
         torch.testing.assert_close(mine, theirs, rtol=1e-10, atol=1e-10)

@@ -10,28 +10,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 
-from cpo_exp.cli import check_launcher, check_shared_run_dir, config_dir
+from cpo_exp.cli import check_launcher, check_shared_run_dir
 from cpo_exp.config import Config, ConfigError, validate
 from cpo_exp.launch import PRESETS, config_file
 
 from conftest import run_cli, tiny_moe
 
 
-def compose_config(overrides: list[str], hydra: bool = False):
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return compose("config", overrides=overrides, return_hydra_config=hydra)
-
-
 @pytest.mark.parametrize("preset,strategy", [("ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
                                              ("deepspeed_zero2", "DEEPSPEED"), ("deepspeed_zero3", "DEEPSPEED")])
-def test_distributed_presets_pair_with_an_accelerate_config_that_accelerate_reads(preset, strategy):
+def test_distributed_presets_pair_with_an_accelerate_config_that_accelerate_reads(compose, preset, strategy):
     from accelerate.commands.config.config_args import load_config_from_file
 
-    cfg: Config = OmegaConf.to_object(compose_config([f"hardware={preset}"]))
+    cfg: Config = compose([f"hardware={preset}"])
     validate(cfg)
     assert cfg.hardware.mixed_precision == "bf16" and not cfg.hardware.cpu
     launcher = load_config_from_file(str(config_file(preset)))
@@ -56,7 +49,8 @@ def test_the_launch_command_in_the_error_message_prints_the_config_path():
 def test_fsdp_and_deepspeed_without_their_launcher_fail_before_training():
     with pytest.raises(ConfigError, match=r"accelerate launch --config_file \$\(python -m cpo_exp.launch fsdp\)"):
         check_launcher("fsdp", {})
-    with pytest.raises(ConfigError, match="hardware=deepspeed_zero2"):
+    with pytest.raises(ConfigError, match=r"hardware.distributed=deepspeed needs accelerate's launcher: .*"
+                                          r"--config_file \$\(python -m cpo_exp.launch deepspeed_zero2\)"):
         check_launcher("deepspeed", {"ACCELERATE_USE_FSDP": "true"})
     check_launcher("fsdp", {"ACCELERATE_USE_FSDP": "true"})
     check_launcher("ddp", {})
@@ -70,12 +64,17 @@ def test_several_processes_need_one_explicit_run_dir():
     check_shared_run_dir(1, [], None)
 
 
-def test_slurm_launcher_preset_composes():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    cfg = compose_config(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], hydra=True)
+def test_slurm_launcher_preset_sets_its_resources_over_submitits_defaults(compose):
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher",
+                        reason="the SLURM launcher is an extra (pip install -e .[slurm], or .[dev])")
+    # partition: the example override in the preset's header, a key the launcher must know.
+    cfg = compose(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"], hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
-    assert launcher.partition == "gpu" and launcher.tasks_per_node == 1 and launcher.signal_delay_s == 120
+    # submitit's defaults are 60 minutes and no CPUs or GPUs asked for.
+    assert (launcher.timeout_min, launcher.cpus_per_task, launcher.gpus_per_node) == (1440, 8, 1)
+    # One task per job (Hydra stays the outer process); 120 s between SIGTERM and the kill to checkpoint.
+    assert (launcher.nodes, launcher.tasks_per_node, launcher.signal_delay_s) == (1, 1, 120)
 
 
 # --------------------------------------------------------------------------- 2 processes, gloo
@@ -158,7 +157,7 @@ def test_lean_engine_under_fsdp2_gives_the_full_batch_gradients(tmp_path, toy_ro
 
 
 def test_lora_trains_adapters_only_and_saves_the_adapter(workdir):
-    pytest.importorskip("peft")
+    pytest.importorskip("peft", reason="LoRA needs the peft extra (pip install -e .[peft], or .[dev])")
     result = run_cli("model.peft=lora", "model.lora_r=4", "train.max_steps=2", "train.logging_steps=1",
                      "data.max_eval_samples=8", "hydra.run.dir=outputs/lora", cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]

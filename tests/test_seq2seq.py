@@ -69,13 +69,11 @@ def test_sequence_logps_match_a_hand_computation(model, tokenizer, toy_rows):
     assert metrics["nll_loss"].item() == pytest.approx(nll, rel=1e-5)
 
 
-cpo = pytest.importorskip("trl.experimental.cpo")
-
-
 @pytest.mark.parametrize("spec", [LossSpec("sigmoid", beta=0.1), LossSpec("simpo", beta=2.0)], ids=["sigmoid", "simpo"])
-def test_metrics_equal_trl_on_the_same_encoder_decoder_batch(model, tokenizer, toy_rows, tmp_path, spec):
+def test_metrics_equal_trl_on_the_same_encoder_decoder_batch(trl, model, tokenizer, toy_rows, tmp_path, spec):
     import datasets
 
+    cpo = trl.experimental.cpo
     args = cpo.CPOConfig(output_dir=str(tmp_path), loss_type=spec.name, beta=spec.beta, cpo_alpha=spec.cpo_alpha,
                          simpo_gamma=spec.simpo_gamma, report_to=[], use_cpu=True, bf16=False,
                          gradient_checkpointing=False, max_completion_length=128)
@@ -85,6 +83,7 @@ def test_metrics_equal_trl_on_the_same_encoder_decoder_batch(model, tokenizer, t
     trl_rows = [{**r, "prompt_attention_mask": [1] * len(r["prompt_input_ids"])} for r in rows]
     _, trl_metrics = trainer.get_batch_loss_metrics(model, trainer.data_collator(trl_rows))
     _, metrics = pair_loss(model, collator_for(model.config, tokenizer.pad_token_id)(rows), spec)
+    assert metrics.keys() - {"loss"} == trl_metrics.keys()  # every TRL metric, and only those
     for name, value in metrics.items():
         if name != "loss":
             assert value.item() == pytest.approx(trl_metrics[name], rel=1e-5, abs=1e-6), name

@@ -15,16 +15,13 @@ from pathlib import Path
 import joblib
 import pytest
 import requests
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from mlflow.tracking import MlflowClient
-from omegaconf import OmegaConf
 from PIL import Image
 
 from conftest import QUICK, run_cli
 
 from cpo_exp.cli import config_dir
-from cpo_exp.config import Config, validate
+from cpo_exp.config import validate
 from cpo_exp.report import REPORT_FILES
 from cpo_exp.report import main as report_main
 from cpo_exp.sweep import SweepRecord
@@ -36,41 +33,30 @@ CONF = Path(config_dir())
 # ------------------------------------------------------------------ presets compose
 
 
-def _compose(overrides: list[str], hydra: bool = False):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides, return_hydra_config=hydra)
-
-
-def _typed(overrides: list[str]) -> Config:
-    cfg: Config = OmegaConf.to_object(_compose(overrides))
-    validate(cfg)
-    return cfg
-
-
 def _presets(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("name", _presets("experiment"))
-def test_every_experiment_composes_and_validates(name):
-    cfg = _typed([f"experiment={name}"])
+def test_every_experiment_composes_and_validates(compose, name):
+    cfg = compose([f"experiment={name}"])
+    validate(cfg)
     assert cfg.loss.name in ("sigmoid", "simpo")
 
 
-def test_recipes_carry_the_published_loss_settings():
-    cpo, simpo, cpo_simpo = (_typed([f"experiment={n}"]) for n in ("cpo_alma_r", "simpo_paper", "cpo_simpo"))
+def test_recipes_carry_the_published_loss_settings(compose):
+    cpo, simpo, cpo_simpo = (compose([f"experiment={n}"]) for n in ("cpo_alma_r", "simpo_paper", "cpo_simpo"))
     assert (cpo.loss.name, cpo.beta, cpo.cpo_alpha) == ("sigmoid", 0.1, 1.0)
     assert (simpo.loss.name, simpo.beta, simpo.simpo_gamma, simpo.cpo_alpha) == ("simpo", 2.5, 1.4, 0.0)
     assert (cpo_simpo.loss.name, cpo_simpo.beta, cpo_simpo.simpo_gamma, cpo_simpo.cpo_alpha) == (
         "simpo", 10.0, 5.4, 0.05)
     # The schedule stays the model's: a recipe overrides only the loss.
-    assert simpo.train == _typed([]).train
+    assert simpo.train == compose([]).train
 
 
 @pytest.mark.parametrize("name", _presets("sweep"))
-def test_every_sweep_preset_is_a_multirun_whose_jobs_all_compose(name):
-    cfg = _compose([f"sweep={name}"], hydra=True)
+def test_every_sweep_preset_is_a_multirun_whose_jobs_all_compose(compose, name):
+    cfg = compose([f"sweep={name}"], hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
     params = cfg.hydra.sweeper.params
     assert params
@@ -78,24 +64,25 @@ def test_every_sweep_preset_is_a_multirun_whose_jobs_all_compose(name):
 
     grid = [[f"{key}={value}" for value in str(values).split(",")] for key, values in params.items()]
     for job in itertools.product(*grid):
-        _typed([f"sweep={name}", *job])
+        validate(compose([f"sweep={name}", *job]))
 
 
 @pytest.mark.parametrize("name", _presets("hparams_search"))
-def test_every_hparams_search_preset_composes_with_its_direction_from_the_objective(name):
-    cfg = _compose([f"hparams_search={name}", "objective.direction=minimize"], hydra=True)
+def test_every_hparams_search_preset_composes_with_its_direction_from_the_objective(compose, name):
+    cfg = compose([f"hparams_search={name}", "objective.direction=minimize"], hydra=True)
     assert cfg.hydra.mode.name == "MULTIRUN"
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "minimize"
     assert cfg.hydra.sweeper.params
-    _typed([f"hparams_search={name}"])
+    validate(compose([f"hparams_search={name}"]))
 
 
-def test_an_unknown_objective_metric_is_named():
+def test_an_unknown_objective_metric_is_named(compose):
     from cpo_exp.config import ConfigError
 
+    cfg = compose(["objective.metric=eval_bleu"])
     with pytest.raises(ConfigError, match="objective.metric must be one of"):
-        _typed(["objective.metric=eval_bleu"])
+        validate(cfg)
 
 
 # ------------------------------------------------------------------ real multiruns
