@@ -58,7 +58,6 @@ def train_job(cfg: Config, tracker: Tracker, public: dict[str, Any], point: Opti
 
     from cpo_exp import engine, models
 
-    check_device(cfg.hardware, torch)
     quiet_progress_bars(cfg)
     tracker.ready()  # an unusable store fails here, before any compute
 
@@ -112,9 +111,11 @@ def torch_threads(hardware: HardwareConfig, parameters: int, default: int) -> tu
     return default, "auto: torch's default for a model of this size; set hardware.num_threads to change it"
 
 
-def check_device(hardware: HardwareConfig, torch) -> None:
+def check_device(hardware: HardwareConfig) -> None:
     """``hardware.cpu=false`` (``hardware=gpu``, ``ddp``, ...) asks for an accelerator: refuse to
     train on the CPU without a word when there is none."""
+    import torch
+
     if hardware.cpu or torch.cuda.is_available() or torch.backends.mps.is_available():
         return
     build = f"torch {torch.__version__}" + ("" if torch.version.cuda else ", a build without CUDA")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from conftest import QUICK, run_cli, write_jsonl
@@ -66,13 +67,19 @@ def test_simpo_without_nll_is_named_after_its_overrides(workdir):
 
 @pytest.mark.parametrize(
     "override,message",
-    [("beta=-1", "beta must be > 0"), ("loss=dpo", "Could not find 'loss/dpo'"),
-     ("train.learning_rate=fast", "could not be converted to Float\n    full_key: train.learning_rate")],
+    [("beta=-1", "beta must be > 0"), ("loss=kto", "Could not find 'loss/kto'"),
+     ("train.learning_rate=fast", "could not be converted to Float\n    full_key: train.learning_rate"),
+     ("+los=simpo", "unknown config key 'los' in '+los=simpo': did you mean 'loss'?"),
+     ("train.lr=1e-3", "unknown config key 'train.lr' in 'train.lr=1e-3': did you mean 'train.learning_rate'?"),
+     ("model=hf", "model.name_or_path must be set (it has no default)"),
+     pytest.param("hardware=gpu", "hardware.cpu=false asks for a GPU, but none is visible (torch ",
+                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: hardware=gpu trains"))],
 )
 def test_bad_override_fails_fast_and_trains_nothing(workdir, override, message):
     result = run_cli(override, cwd=workdir)
     assert result.returncode != 0
     assert message in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
     assert not (workdir / "mlflow.db").exists()
     assert not list(workdir.glob("outputs/**/model"))
 

@@ -61,7 +61,7 @@ def test_alphapo_reward_is_one_minus_p_to_the_minus_alpha_over_alpha():
 
 
 def test_only_length_averaged_losses_average():
-    assert {n for n in LOSS_TYPES if LossSpec(n).average_log_prob} == {"ipo", "simpo", "alphapo"}
+    assert {n for n in LOSS_TYPES if LossSpec(n).average_log_prob} == {"ipo", "simpo", "alphapo", "orpo"}
 
 
 def test_total_loss_adds_weighted_nll():
