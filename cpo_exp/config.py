@@ -299,6 +299,12 @@ def _one_of(key: str, value: Any, options: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> None:
     """Reject impossible values with a message naming the key. Cheap: loads nothing."""
+    for part in (_validate_loss, _validate_lengths, _validate_model, _validate_data, _validate_train,
+                 _validate_eval, _validate_hardware_and_engine):
+        part(cfg)
+
+
+def _validate_loss(cfg: Config) -> None:
     _one_of("loss", cfg.loss.name, LOSS_TYPES)
     _require(cfg.beta > 0 and math.isfinite(cfg.beta), "beta", "must be > 0", cfg.beta)
     _require(cfg.cpo_alpha >= 0, "cpo_alpha", "must be >= 0", cfg.cpo_alpha)
@@ -318,6 +324,8 @@ def validate(cfg: Config) -> None:
             "reference-free CPO losses, not to ORPO's odds or DPO's reference log-ratios. Set alpha=0."
         )
 
+
+def _validate_lengths(cfg: Config) -> None:
     _require(cfg.max_length > 1, "max_length", "must be > 1", cfg.max_length)
     if cfg.max_prompt_length is not None:
         _require(
@@ -330,6 +338,8 @@ def validate(cfg: Config) -> None:
         _require(cfg.max_completion_length > 0, "max_completion_length", "must be > 0", cfg.max_completion_length)
     _one_of("truncation_mode", cfg.truncation_mode, ("keep_end", "keep_start"))
 
+
+def _validate_model(cfg: Config) -> None:
     _require(bool(cfg.model.name_or_path) and cfg.model.name_or_path != "???",
              "model.name_or_path", "must name a folder or a hub id", cfg.model.name_or_path)
     _one_of("model.dtype", cfg.model.dtype, _DTYPES)
@@ -338,6 +348,8 @@ def validate(cfg: Config) -> None:
         _require(cfg.model.lora_r > 0, "model.lora_r", "must be > 0", cfg.model.lora_r)
         _require(0 <= cfg.model.lora_dropout < 1, "model.lora_dropout", "must be in [0, 1)", cfg.model.lora_dropout)
 
+
+def _validate_data(cfg: Config) -> None:
     d = cfg.data
     _require(bool(d.train_files) or bool(d.path), "data.path",
              "or data.train_files must name the training data", d.path)
@@ -353,6 +365,8 @@ def validate(cfg: Config) -> None:
             _require(value > 0, f"data.{key}", "must be > 0", value)
     _one_of("data.on_bad_rows", d.on_bad_rows, ("error", "skip"))
 
+
+def _validate_train(cfg: Config) -> None:
     t = cfg.train
     _require(t.learning_rate > 0, "train.learning_rate", "must be > 0", t.learning_rate)
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
@@ -367,8 +381,14 @@ def validate(cfg: Config) -> None:
     _require(t.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)", t.max_grad_norm)
     if t.eval_steps is not None:
         _require(t.eval_steps > 0, "train.eval_steps", "must be > 0 or null", t.eval_steps)
+    for key in ("save_steps", "save_total_limit"):
+        if getattr(t, key) is not None:
+            _require(getattr(t, key) > 0, f"train.{key}", "must be > 0 or null", getattr(t, key))
+    _one_of("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
 
-    e = cfg.eval
+
+def _validate_eval(cfg: Config) -> None:
+    e, d = cfg.eval, cfg.data
     for key in ("num_prompts", "batch_size", "max_new_tokens"):
         _require(getattr(e, key) > 0, f"eval.{key}", "must be > 0", getattr(e, key))
     _require(e.temperature > 0, "eval.temperature", "must be > 0", e.temperature)
@@ -381,21 +401,19 @@ def validate(cfg: Config) -> None:
                 resolve_scorer(name)
             except ValueError as err:
                 raise ConfigError(f"eval.scorers: {err}") from None
-    for key in ("save_steps", "save_total_limit"):
-        if getattr(t, key) is not None:
-            _require(getattr(t, key) > 0, f"train.{key}", "must be > 0 or null", getattr(t, key))
-    _one_of("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
-
-    _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
-    _one_of("hardware.distributed", cfg.hardware.distributed, ("no", "ddp", "fsdp", "deepspeed"))
-    if cfg.hardware.num_threads is not None:
-        _require(cfg.hardware.num_threads > 0, "hardware.num_threads", "must be > 0 or null",
-                 cfg.hardware.num_threads)
     # Generation scores can be the objective too, when they are computed.
     generated = tuple(f"eval_gen/{name}" for name in e.scorers) if e.generate else ()
     own = tuple(EVAL_PREFIX + name for name in LOSS_METRICS.get(cfg.loss.name, ()))  # e.g. ORPO's log odds
     _one_of("objective.metric", cfg.objective.metric, OBJECTIVE_METRICS + own + generated)
     _one_of("objective.direction", cfg.objective.direction, ("maximize", "minimize"))
+
+
+def _validate_hardware_and_engine(cfg: Config) -> None:
+    _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
+    _one_of("hardware.distributed", cfg.hardware.distributed, ("no", "ddp", "fsdp", "deepspeed"))
+    if cfg.hardware.num_threads is not None:
+        _require(cfg.hardware.num_threads > 0, "hardware.num_threads", "must be > 0 or null",
+                 cfg.hardware.num_threads)
     g = cfg.engine
     _one_of("engine.logits", g.logits, ("full", "chunked"))
     _require(g.logits_chunk_size > 0, "engine.logits_chunk_size", "must be > 0", g.logits_chunk_size)
