@@ -188,19 +188,15 @@ def train(
     prepare_model(model, engine, zero3=getattr(accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3)
     collate = pair_collator(model.config, tokenizer, engine)
     if spec.reference:  # the initial policy's log-probs of every pair, before any step changes it
-        splits = with_reference(model.to(accelerator.device), {"train": train_set, "eval": eval_set},
-                                {"train": cfg.per_device_train_batch_size, "eval": cfg.per_device_eval_batch_size},
-                                collate, engine, accelerator.device, accelerator.autocast)
-        train_set, eval_set = splits["train"], splits["eval"]
+        train_set, eval_set = with_reference(model.to(accelerator.device), train_set, eval_set, cfg, collate, engine,
+                                             accelerator)
     train_loader = DataLoader(PairRows(train_set), batch_size=cfg.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate)
     eval_loader = (DataLoader(PairRows(eval_set), batch_size=cfg.per_device_eval_batch_size, collate_fn=collate)
                    if eval_set is not None else None)
     optimizer = new_optimizer(model, cfg)
     total_steps = _total_steps(cfg, len(train_loader))
-    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
-    scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup,
-                              num_training_steps=total_steps)
+    scheduler = new_schedule(optimizer, cfg, total_steps)
     model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
     eval_loader = accelerator.prepare(eval_loader) if eval_loader is not None else None
     steps_per_epoch = max(1, len(train_loader) / cfg.gradient_accumulation_steps)
@@ -414,6 +410,12 @@ def new_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optim
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
     )
+
+
+def new_schedule(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    """``train.lr_scheduler_type`` over ``total_steps``, after ``warmup_steps`` (or ``warmup_ratio``)."""
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 def new_accelerator(**kwargs) -> Accelerator:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from cpo_exp.config import EngineConfig
+from cpo_exp.config import EngineConfig, TrainConfig
 from cpo_exp.data import REFERENCE_COLUMNS, PairRows
 from cpo_exp.forward import pair_forward
 
@@ -66,32 +67,32 @@ def reference_logps(model, dataset: datasets.Dataset, collate, batch_size: int, 
     return torch.cat(chosen).numpy(), torch.cat(rejected).numpy()
 
 
-def with_reference(model, splits: dict[str, Optional[datasets.Dataset]], batch_sizes: dict[str, int], collate,
-                   engine: EngineConfig, device: torch.device, autocast) -> dict[str, Optional[datasets.Dataset]]:
-    """``splits`` with the reference columns added, computed by ``model`` (the initial policy) or read
-    from the cache. With LoRA the reference is the base model: the adapters are disabled for it."""
+def with_reference(model, train_set: datasets.Dataset, eval_set: Optional[datasets.Dataset], cfg: TrainConfig,
+                   collate, engine: EngineConfig, accelerator) -> tuple[datasets.Dataset, Optional[datasets.Dataset]]:
+    """Both splits with the reference columns added, computed by ``model`` (the initial policy) or
+    read from the cache. With LoRA the reference is the base model: the adapters are disabled for it."""
     weights = weights_hash(model)
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
-    out: dict[str, Optional[datasets.Dataset]] = {}
     with disabled:
-        for split, dataset in splits.items():
-            if dataset is None:
-                out[split] = None
-                continue
-            path = cache_file(weights, dataset, batch_sizes[split])
-            if path.is_file():
-                stored = np.load(path)
-                chosen, rejected = stored["chosen"], stored["rejected"]
-                log.info("%s: reference log-probs read from cache %s", split, path)
-            else:
-                chosen, rejected = reference_logps(model, dataset, collate, batch_sizes[split], engine, device,
-                                                   autocast)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                partial = path.with_suffix(f".{id(path)}.npz")  # a rank writing at the same time never tears it
-                np.savez(partial, chosen=chosen, rejected=rejected)
-                partial.replace(path)
-                log.info("%s: reference log-probs of %d pairs computed and cached in %s", split, len(chosen), path)
-            out[split] = (dataset.add_column(REFERENCE_COLUMNS[0], chosen.tolist())
-                          .add_column(REFERENCE_COLUMNS[1], rejected.tolist()))
-    return out
+        return (_with_reference(model, weights, "train", train_set, cfg.per_device_train_batch_size, collate, engine,
+                                accelerator),
+                _with_reference(model, weights, "eval", eval_set, cfg.per_device_eval_batch_size, collate, engine,
+                                accelerator) if eval_set is not None else None)
 
+
+def _with_reference(model, weights: str, split: str, dataset: datasets.Dataset, batch_size: int, collate,
+                    engine: EngineConfig, accelerator) -> datasets.Dataset:
+    path = cache_file(weights, dataset, batch_size)
+    if path.is_file():
+        stored = np.load(path)
+        chosen, rejected = stored["chosen"], stored["rejected"]
+        log.info("%s: reference log-probs read from cache %s", split, path)
+    else:
+        chosen, rejected = reference_logps(model, dataset, collate, batch_size, engine, accelerator.device,
+                                           accelerator.autocast)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.npz")  # a rank writing at the same time never tears it
+        np.savez(partial, chosen=chosen, rejected=rejected)
+        partial.replace(path)
+        log.info("%s: reference log-probs of %d pairs computed and cached in %s", split, len(chosen), path)
+    return dataset.add_column(REFERENCE_COLUMNS[0], chosen.tolist()).add_column(REFERENCE_COLUMNS[1], rejected.tolist())
