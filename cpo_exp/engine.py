@@ -190,7 +190,8 @@ def train(
     if spec.reference:  # the initial policy's log-probs of every pair, before any step changes it
         splits = with_reference(model.to(accelerator.device), {"train": train_set, "eval": eval_set},
                                 {"train": cfg.per_device_train_batch_size, "eval": cfg.per_device_eval_batch_size},
-                                collate, engine, accelerator.device, accelerator.autocast)
+                                collate, engine, accelerator.device, accelerator.autocast,
+                                accelerator.mixed_precision)
         train_set, eval_set = splits["train"], splits["eval"]
     train_loader = DataLoader(PairRows(train_set), batch_size=cfg.per_device_train_batch_size, shuffle=True,
                               collate_fn=collate)

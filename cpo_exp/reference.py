@@ -8,10 +8,12 @@ as TRL's ``precompute_ref_log_probs`` does; they become two columns of the token
 training holds one model.
 
 They are cached in the ``datasets`` cache (``$HF_DATASETS_CACHE/cpo_exp_reference/``) under a key
-made of the reference weights' hash and the tokenized data's fingerprint (which covers the data,
-the tokenizer and the length limits): a second run, or a resumed one, reads them back. Each split
-is computed in its own loader's batch size and order (eval: as the evaluations batch it), so at
-step 0 the eval rewards are exactly 0.
+made of the reference weights' hash, the tokenized data's fingerprint (which covers the data,
+the tokenizer and the length limits) and the forward that computes them (engine variant, mixed
+precision, device type): a second run, or a resumed one, reads them back. Each split is computed
+in its own loader's batch size and order (eval: as the evaluations batch it) by the forward that
+training uses, so at step 0 the eval rewards are exactly 0 (another variant's log-probs differ
+by float rounding, enough for a strict ``>`` to count some pairs as won).
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_file(weights: str, dataset: datasets.Dataset, batch_size: int) -> Path:
-    key = hashlib.sha256(f"{weights}\x00{dataset._fingerprint}\x00{batch_size}".encode()).hexdigest()[:24]
+def cache_file(weights: str, dataset: datasets.Dataset, batch_size: int, forward: str = "") -> Path:
+    """``forward`` names what decides the rounding of the log-probs (engine variant, precision, device)."""
+    key = hashlib.sha256(f"{weights}\x00{dataset._fingerprint}\x00{batch_size}\x00{forward}".encode()).hexdigest()[:24]
     return Path(datasets.config.HF_DATASETS_CACHE) / "cpo_exp_reference" / f"ref-{key}.npz"
 
 
@@ -67,10 +70,13 @@ def reference_logps(model, dataset: datasets.Dataset, collate, batch_size: int, 
 
 
 def with_reference(model, splits: dict[str, Optional[datasets.Dataset]], batch_sizes: dict[str, int], collate,
-                   engine: EngineConfig, device: torch.device, autocast) -> dict[str, Optional[datasets.Dataset]]:
+                   engine: EngineConfig, device: torch.device, autocast,
+                   precision: str = "no") -> dict[str, Optional[datasets.Dataset]]:
     """``splits`` with the reference columns added, computed by ``model`` (the initial policy) or read
-    from the cache. With LoRA the reference is the base model: the adapters are disabled for it."""
+    from the cache. With LoRA the reference is the base model: the adapters are disabled for it.
+    ``precision`` is the mixed precision ``autocast`` applies (part of the cache key)."""
     weights = weights_hash(model)
+    forward = f"{engine!r}\x00{precision}\x00{torch.device(device).type}"
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     out: dict[str, Optional[datasets.Dataset]] = {}
     with disabled:
@@ -78,7 +84,7 @@ def with_reference(model, splits: dict[str, Optional[datasets.Dataset]], batch_s
             if dataset is None:
                 out[split] = None
                 continue
-            path = cache_file(weights, dataset, batch_sizes[split])
+            path = cache_file(weights, dataset, batch_sizes[split], forward)
             if path.is_file():
                 stored = np.load(path)
                 chosen, rejected = stored["chosen"], stored["rejected"]
