@@ -55,7 +55,7 @@ def _presets(group: str) -> list[str]:
 @pytest.mark.parametrize("name", _presets("experiment"))
 def test_every_experiment_composes_and_validates(name):
     cfg = _typed([f"experiment={name}"])
-    assert cfg.loss.name in ("sigmoid", "simpo")
+    assert cfg.loss.name in ("sigmoid", "simpo", "orpo", "dpo")
 
 
 def test_recipes_carry_the_published_loss_settings():
