@@ -284,6 +284,27 @@ def test_impossible_orpo_and_dpo_combinations_are_refused_naming_the_key(overrid
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("preset,expected", [
+    ("dpo_simpo_paper", ("dpo", 0.01, 0.0)),  # beta from the Zephyr DPO recipe the SimPO authors followed
+    ("orpo_simpo_paper", ("orpo", 0.1, 1.0)),  # lambda of kaist-ai/mistral-orpo-beta, NLL weight 1
+])
+def test_simpo_paper_baseline_presets_compose_validate_and_set_only_the_loss(preset, expected):
+    cfg = compose_config([f"experiment={preset}"])
+    validate(cfg)
+    assert (cfg.loss.name, cfg.beta, cfg.cpo_alpha) == expected
+    assert cfg.label_smoothing == 0.0 and cfg.alpha == 0.0
+    assert cfg.train == compose_config([]).train  # the schedule stays the model's
+
+
+def test_loss_variants_sweep_lists_every_loss_and_each_job_validates():
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        hydra_cfg = compose("config", overrides=["sweep=loss_variants"], return_hydra_config=True)
+    losses = str(hydra_cfg.hydra.sweeper.params.loss).split(",")
+    assert sorted(losses) == sorted(LOSS_TYPES)
+    for name in ("orpo", "dpo"):
+        validate(compose_config(["sweep=loss_variants", f"loss={name}"]))
+
+
 @pytest.fixture
 def trl_configs():
     orpo = pytest.importorskip("trl.experimental.orpo", reason="TRL (a test dependency) is not installed")
