@@ -1,5 +1,7 @@
 """ORPO and DPO in the loss group: hand-computed values, the stable log1mexp, the presets, and
-parity with TRL 1.16's ``ORPOTrainer.odds_ratio_loss`` and ``DPOTrainer`` (``loss_type=sigmoid``)."""
+parity with TRL 1.16's ``ORPOTrainer`` and ``DPOTrainer`` (``loss_type=sigmoid``, and with ``sft``
+for RPO): on log-prob tensors, and on the tiny model with the same token ids fed to both sides
+(metrics, loss, gradients, reference log-probs). The real CLI runs are in test_baselines_cli.py."""
 
 from __future__ import annotations
 
