@@ -8,10 +8,12 @@ as TRL's ``precompute_ref_log_probs`` does; they become two columns of the token
 training holds one model.
 
 They are cached in the ``datasets`` cache (``$HF_DATASETS_CACHE/cpo_exp_reference/``) under a key
-made of the reference weights' hash and the tokenized data's fingerprint (which covers the data,
-the tokenizer and the length limits): a second run, or a resumed one, reads them back. Each split
-is computed in its own loader's batch size and order (eval: as the evaluations batch it), so at
-step 0 the eval rewards are exactly 0.
+made of the reference weights' hash, the tokenized data's fingerprint (which covers the data,
+the tokenizer and the length limits) and the forward that computes them (engine variant, mixed
+precision, device type): a second run, or a resumed one, reads them back. Each split is computed
+in its own loader's batch size and order (eval: as the evaluations batch it) by the forward that
+training uses, so at step 0 the eval rewards are exactly 0 (another variant's log-probs differ
+by float rounding, enough for a strict ``>`` to count some pairs as won).
 """
 
 from __future__ import annotations
@@ -45,8 +47,9 @@ def weights_hash(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def cache_file(weights: str, dataset: datasets.Dataset, batch_size: int) -> Path:
-    key = hashlib.sha256(f"{weights}\x00{dataset._fingerprint}\x00{batch_size}".encode()).hexdigest()[:24]
+def cache_file(identity: str, dataset: datasets.Dataset, batch_size: int) -> Path:
+    """Where the reference log-probs of ``dataset`` by the reference ``identity`` (weights and forward) are kept."""
+    key = hashlib.sha256(f"{identity}\x00{dataset._fingerprint}\x00{batch_size}".encode()).hexdigest()[:24]
     return Path(datasets.config.HF_DATASETS_CACHE) / "cpo_exp_reference" / f"ref-{key}.npz"
 
 
@@ -71,18 +74,20 @@ def with_reference(model, train_set: datasets.Dataset, eval_set: Optional[datase
                    collate, engine: EngineConfig, accelerator) -> tuple[datasets.Dataset, Optional[datasets.Dataset]]:
     """Both splits with the reference columns added, computed by ``model`` (the initial policy) or
     read from the cache. With LoRA the reference is the base model: the adapters are disabled for it."""
-    weights = weights_hash(model)
+    # What decides the rounding of the log-probs belongs to the key too: the forward variant, the
+    # precision and the device (a lean run must not read a plain run's reference).
+    identity = f"{weights_hash(model)}\x00{engine!r}\x00{accelerator.mixed_precision}\x00{accelerator.device.type}"
     disabled = model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
     with disabled:
-        return (_with_reference(model, weights, "train", train_set, cfg.per_device_train_batch_size, collate, engine,
-                                accelerator),
-                _with_reference(model, weights, "eval", eval_set, cfg.per_device_eval_batch_size, collate, engine,
+        return (_with_reference(model, identity, "train", train_set, cfg.per_device_train_batch_size, collate,
+                                engine, accelerator),
+                _with_reference(model, identity, "eval", eval_set, cfg.per_device_eval_batch_size, collate, engine,
                                 accelerator) if eval_set is not None else None)
 
 
-def _with_reference(model, weights: str, split: str, dataset: datasets.Dataset, batch_size: int, collate,
+def _with_reference(model, identity: str, split: str, dataset: datasets.Dataset, batch_size: int, collate,
                     engine: EngineConfig, accelerator) -> datasets.Dataset:
-    path = cache_file(weights, dataset, batch_size)
+    path = cache_file(identity, dataset, batch_size)
     if path.is_file():
         stored = np.load(path)
         chosen, rejected = stored["chosen"], stored["rejected"]

@@ -1,5 +1,7 @@
 """ORPO and DPO in the loss group: hand-computed values, the stable log1mexp, the presets, and
-parity with TRL 1.16's ``ORPOTrainer.odds_ratio_loss`` and ``DPOTrainer`` (``loss_type=sigmoid``)."""
+parity with TRL 1.16's ``ORPOTrainer`` and ``DPOTrainer`` (``loss_type=sigmoid``, and with ``sft``
+for RPO): on log-prob tensors, and on the tiny model with the same token ids fed to both sides
+(metrics, loss, gradients, reference log-probs). The real CLI runs are in test_baselines_cli.py."""
 
 from __future__ import annotations
 
@@ -8,13 +10,18 @@ import math
 from collections import defaultdict
 from types import SimpleNamespace
 
+import datasets
 import pytest
 import torch
+import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cpo_exp.cli import config_dir
-from cpo_exp.config import Config, ConfigError, validate
+from cpo_exp.config import Config, ConfigError, EngineConfig, ModelConfig, TrainConfig, validate
+from cpo_exp.data import PairRows, PreferenceCollator, SequenceLengths, tokenize_dataset, tokenize_row
+from cpo_exp.forward import pair_collator
+from cpo_exp.engine import new_accelerator, pair_loss, pair_step
 from cpo_exp.losses import (
     LOSS_TYPES,
     LossSpec,
@@ -26,6 +33,8 @@ from cpo_exp.losses import (
     total_loss,
 )
 from cpo_exp.metrics import pair_metrics
+from cpo_exp.models import load_model, load_tokenizer
+from cpo_exp.reference import with_reference
 
 CPU = torch.device("cpu")
 
@@ -276,6 +285,27 @@ def test_impossible_orpo_and_dpo_combinations_are_refused_naming_the_key(overrid
     assert message in str(err.value)
 
 
+@pytest.mark.parametrize("preset,expected", [
+    ("dpo_simpo_paper", ("dpo", 0.01, 0.0)),  # beta from the Zephyr DPO recipe the SimPO authors followed
+    ("orpo_simpo_paper", ("orpo", 0.1, 1.0)),  # lambda of kaist-ai/mistral-orpo-beta, NLL weight 1
+])
+def test_simpo_paper_baseline_presets_compose_validate_and_set_only_the_loss(preset, expected):
+    cfg = compose_config([f"experiment={preset}"])
+    validate(cfg)
+    assert (cfg.loss.name, cfg.beta, cfg.cpo_alpha) == expected
+    assert cfg.label_smoothing == 0.0 and cfg.alpha == 0.0
+    assert cfg.train == compose_config([]).train  # the schedule stays the model's
+
+
+def test_loss_variants_sweep_lists_every_loss_and_each_job_validates():
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        hydra_cfg = compose("config", overrides=["sweep=loss_variants"], return_hydra_config=True)
+    losses = str(hydra_cfg.hydra.sweeper.params.loss).split(",")
+    assert sorted(losses) == sorted(LOSS_TYPES)
+    for name in ("orpo", "dpo"):
+        validate(compose_config(["sweep=loss_variants", f"loss={name}"]))
+
+
 @pytest.fixture
 def trl_configs():
     orpo = pytest.importorskip("trl.experimental.orpo", reason="TRL (a test dependency) is not installed")
@@ -439,3 +469,254 @@ def test_trl_ignores_label_smoothing_for_sigmoid_where_we_compute_cdpo(trl_dpo):
     cdpo, _, _ = preference_loss(logps[:pairs], logps[pairs:], LossSpec("dpo", beta=0.1, label_smoothing=0.3), **refs)
     torch.testing.assert_close(plain.mean(), their_loss, rtol=1e-6, atol=1e-6)
     assert abs(cdpo.mean().item() - their_loss.item()) > 1e-3
+
+
+# --------------------------------------------------------------------------- the whole model against TRL
+
+# Model-level parity: the embedded tiny Qwen2, our tokenization of the same pairs fed to both
+# sides (each side batches it with its own collator), TRL's own loss and metrics code.
+TINY = ModelConfig(name_or_path="pkg://cpo_exp/assets/tiny_qwen2", random_init=True)
+METRIC_TOL = dict(rel=1e-5, abs=1e-6)
+GRAD_TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(TINY)
+
+
+def fresh_model(tokenizer, seed: int = 0):
+    torch.manual_seed(seed)
+    return load_model(TINY, tokenizer)
+
+
+def our_tokens(rows: list[dict], tokenizer) -> list[dict]:
+    return [tokenize_row(r, tokenizer, SequenceLengths()) for r in rows]
+
+
+def full_logits(model, batch) -> torch.Tensor:
+    """The ``[2B, T, V]`` logits of our padded batch (the same block TRL's forward produces)."""
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+
+
+def gradients(model) -> dict[str, torch.Tensor]:
+    grads = {name: param.grad.clone() for name, param in model.named_parameters()}
+    model.zero_grad()
+    return grads
+
+
+# ORPO. TRL's ORPOTrainer tokenizes as its CPOTrainer (and we) do; its batch is still built
+# from our ids (chosen_/rejected_ input_ids, attention_mask, labels, its collator's keys).
+# Two definitions differ on purpose:
+# - TRL's ``nll_loss`` is the cross-entropy over every non-padding token of the chosen sequence,
+#   prompt included ("orpo chosen nll loss is computed over the full prompt and response");
+#   ours, as for every loss here, over the chosen completion only. So the odds-ratio term
+#   ``loss - nll_loss`` is compared, and TRL's total with our NLL put in place of its own.
+# - TRL's ORPO ``logits/*`` average the logits without the last position ([B, T-1, V]); ours keep
+#   CPO's definition, the mean over the whole padded [B, T, V] block of each half.
+
+@pytest.fixture
+def orpo_trainer(trl_orpo, tokenizer, toy_rows, tmp_path):
+    from trl.experimental.orpo import ORPOConfig
+
+    def build(model, beta: float, max_length: int = 1024):
+        args = ORPOConfig(output_dir=str(tmp_path), beta=beta, max_length=max_length, report_to=[], use_cpu=True,
+                          bf16=False, gradient_checkpointing=False, per_device_train_batch_size=len(toy_rows))
+        return trl_orpo(model=model, args=args, train_dataset=datasets.Dataset.from_list(toy_rows),
+                        processing_class=tokenizer)
+
+    return build
+
+
+def trl_orpo_batch(trainer, ours: list[dict]) -> dict:
+    features = [{f"{side}_{key}": row[f"{side}_{column}"] if column else [1] * len(row[f"{side}_input_ids"])
+                 for side in ("chosen", "rejected")
+                 for key, column in (("input_ids", "input_ids"), ("attention_mask", None), ("labels", "labels"))}
+                for row in ours]
+    return trainer.data_collator(features)
+
+
+@pytest.mark.parametrize("max_length", [1024, 19])
+def test_trl_orpo_tokenizes_the_pairs_as_we_do(orpo_trainer, tokenizer, toy_rows, max_length):
+    trainer = orpo_trainer(fresh_model(tokenizer), 0.1, max_length)
+    for k, row in enumerate(toy_rows):
+        ours = tokenize_row(row, tokenizer, SequenceLengths(max_length=max_length, max_prompt_length=None))
+        for key in ("chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"):
+            assert trainer.train_dataset[k][key] == ours[key], (k, key)
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0])
+def test_orpo_metrics_and_odds_ratio_term_equal_trl_orpotrainer(orpo_trainer, tokenizer, toy_rows, beta):
+    model = fresh_model(tokenizer)
+    trainer = orpo_trainer(model, beta)
+    ours_rows = our_tokens(toy_rows, tokenizer)
+    their_loss, theirs = trainer.get_batch_loss_metrics(trainer.model, trl_orpo_batch(trainer, ours_rows))
+    batch = PreferenceCollator(tokenizer.pad_token_id)(ours_rows)
+    loss, ours = pair_loss(trainer.model, batch, LossSpec("orpo", beta=beta, cpo_alpha=1.0))
+
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected", "log_odds_ratio", "log_odds_chosen"):
+        assert ours[name].item() == pytest.approx(theirs[name], **METRIC_TOL), name
+    # The odds-ratio term; equally, TRL's total with our NLL in place of its own is our loss.
+    assert (loss - ours["nll_loss"]).item() == pytest.approx(their_loss.item() - theirs["nll_loss"], **METRIC_TOL)
+
+    # The two NLLs and the two logits means, by hand from the same logits.
+    logits, pairs = full_logits(model, batch), len(toy_rows)
+    chosen_logits, labels = logits[:pairs, :-1].flatten(0, 1), batch["labels"][:pairs, 1:].flatten()
+    every_token = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)[:pairs, 1:].flatten()
+    assert theirs["nll_loss"] == pytest.approx(F.cross_entropy(chosen_logits, every_token).item(), **METRIC_TOL)
+    assert ours["nll_loss"].item() == pytest.approx(F.cross_entropy(chosen_logits, labels).item(), **METRIC_TOL)
+    assert abs(theirs["nll_loss"] - ours["nll_loss"].item()) > 0.1
+    for name, half in (("logits/chosen", slice(None, pairs)), ("logits/rejected", slice(pairs, None))):
+        assert ours[name].item() == pytest.approx(logits[half].mean().item(), **METRIC_TOL), name
+        assert theirs[name] == pytest.approx(logits[half, :-1].mean().item(), **METRIC_TOL), name
+
+
+def test_orpo_odds_ratio_gradients_equal_trl(orpo_trainer, tokenizer, toy_rows):
+    model = fresh_model(tokenizer)
+    trainer = orpo_trainer(model, 0.5)
+    ours_rows = our_tokens(toy_rows, tokenizer)
+    chosen, rejected = trainer.concatenated_forward(model, trl_orpo_batch(trainer, ours_rows))[:2]
+    (-trainer.odds_ratio_loss(chosen, rejected)[0].mean()).backward()  # TRL's term is minus our loss
+    expected = gradients(model)
+    batch = PreferenceCollator(tokenizer.pad_token_id)(ours_rows)
+    pair_step(model, batch, LossSpec("orpo", beta=0.5)).losses.mean().backward()
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(grad, expected[name], **GRAD_TOL, msg=name)
+
+
+# DPO. TRL 1.16's DPOTrainer tokenizes differently: no BOS in front of the prompt (ours adds it,
+# as CPO/ORPO do), EOS appended as text before tokenizing (ours as an id; after a chat template
+# we add none), the completion cut where prompt and prompt + completion diverge, and truncation
+# by its collator (keep_start of prompt + completion, default max_length 1024) rather than
+# prompt-first. So its rows are built from our ids: ``prompt_ids`` (our -100-labelled prefix,
+# BOS included), ``chosen_ids``, ``rejected_ids``. Its reference log-probs are precomputed
+# (``precompute_ref_log_probs=True``: ``_precompute_ref_logps`` adds ``ref_chosen_logps`` and
+# ``ref_rejected_logps`` columns, summed over completion tokens), ours by ``with_reference``.
+# TRL's ``logits/*`` are the mean logit over completion tokens; ours CPO's padded-block mean.
+# TRL also logs entropy, mean_token_accuracy and num_tokens, which we do not; we log nll_loss.
+
+def trl_dpo_rows(ours: list[dict]) -> list[dict]:
+    rows = []
+    for k, row in enumerate(ours):
+        split = {side: row[f"{side}_labels"].count(-100) for side in ("chosen", "rejected")}
+        prompt = row["chosen_input_ids"][:split["chosen"]]
+        assert row["rejected_input_ids"][:split["rejected"]] == prompt, f"row {k}: TRL's rows share one prompt"
+        rows.append({"prompt_ids": prompt, **{f"{side}_ids": row[f"{side}_input_ids"][split[side]:]
+                                              for side in ("chosen", "rejected")}})
+    return rows
+
+
+@pytest.fixture
+def dpo_trainer(trl_dpo, tokenizer, toy_rows, tmp_path):
+    from trl import DPOConfig
+
+    def build(model, beta: float, cpo_alpha: float = 0.0):
+        # RPO in TRL: the sigmoid loss plus its "sft" loss (the chosen completion's NLL), weighted.
+        loss = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, cpo_alpha]) if cpo_alpha else {}
+        args = DPOConfig(output_dir=str(tmp_path), beta=beta, precompute_ref_log_probs=True, report_to=[],
+                         use_cpu=True, bf16=False, gradient_checkpointing=False,
+                         per_device_train_batch_size=len(toy_rows), **loss)
+        return trl_dpo(model=model, args=args, train_dataset=datasets.Dataset.from_list(toy_rows),
+                       processing_class=tokenizer)
+
+    return build
+
+
+@pytest.fixture
+def ours_with_reference(tokenizer, tmp_path, monkeypatch):
+    """Our tokenized pairs with ``with_reference``'s columns, cached under ``tmp_path``."""
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+
+    def build(model, rows: list[dict]) -> datasets.Dataset:
+        data = tokenize_dataset(datasets.Dataset.from_list(rows), tokenizer, SequenceLengths(), "train", "error")
+        collate = pair_collator(model.config, tokenizer, EngineConfig())
+        accelerator = new_accelerator(cpu=True)
+        cfg = TrainConfig(per_device_train_batch_size=len(rows))
+        return with_reference(model, data, None, cfg, collate, EngineConfig(), accelerator)[0]
+
+    return build
+
+
+def nudge(model, seed: int = 1, scale: float = 0.02) -> None:
+    """Move the policy away from the reference, as training would."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def dpo_both_sides(trainer, model, ours: datasets.Dataset, spec: LossSpec, at_reference: bool = False):
+    """The reference log-probs of each side, then (after ``nudge`` unless ``at_reference``) each
+    side's loss and metrics on its batch of the same ids."""
+    pairs = len(ours)
+    theirs_data = trainer._precompute_ref_logps(datasets.Dataset.from_list(trl_dpo_rows(list(ours))), "ours", pairs)
+    if not at_reference:
+        nudge(model)
+    model.train()
+    trl_batch = trainer.data_collator([theirs_data[k] for k in range(pairs)])
+    their_loss = trainer.compute_loss(model, trl_batch)
+    theirs = {name: values[-1] for name, values in trainer._metrics["train"].items()}
+    rows = PairRows(ours)
+    batch = pair_collator(model.config, trainer.processing_class, EngineConfig())([rows[k] for k in range(pairs)])
+    step = pair_step(model, batch, spec)
+    return theirs_data, their_loss, theirs, batch, step
+
+
+def test_our_reference_log_probs_equal_trls_precomputed_ones(dpo_trainer, ours_with_reference, tokenizer, toy_rows):
+    model = fresh_model(tokenizer)
+    trainer = dpo_trainer(model, 0.1)
+    ours = ours_with_reference(model, toy_rows)
+    theirs = trainer._precompute_ref_logps(datasets.Dataset.from_list(trl_dpo_rows(list(ours))), "ours", 2)
+    for column in ("ref_chosen_logps", "ref_rejected_logps"):
+        torch.testing.assert_close(torch.tensor(ours[column]), torch.tensor(theirs[column]), rtol=1e-6, atol=1e-5,
+                                   msg=column)
+    # Summed over the completion tokens, so the log-probs of sequences of 4 to 7 tokens: tens of nats.
+    assert all(-80 < value < -10 for value in ours["ref_chosen_logps"])
+
+
+# DPO's rewards are beta times a difference of two sums of tens of nats: float32 keeps those to a
+# few 1e-6 (their ulp is 3.8e-6), so rewards, margins and the loss are compared to 5e-6 absolute.
+DPO_TOL = dict(rel=1e-5, abs=5e-6)
+DPO_MODEL_CASES = [dict(beta=0.1, cpo_alpha=0.0), dict(beta=0.5, cpo_alpha=0.0),
+                   dict(beta=0.1, cpo_alpha=1.0), dict(beta=0.3, cpo_alpha=0.25)]  # cpo_alpha > 0: RPO
+
+
+@pytest.mark.parametrize("case", DPO_MODEL_CASES, ids=lambda c: f"beta={c['beta']},cpo_alpha={c['cpo_alpha']}")
+def test_dpo_loss_metrics_and_gradients_equal_trl_dpotrainer(dpo_trainer, ours_with_reference, tokenizer,
+                                                             toy_rows, case):
+    model = fresh_model(tokenizer)
+    trainer = dpo_trainer(model, case["beta"], case["cpo_alpha"])
+    spec = LossSpec("dpo", beta=case["beta"], cpo_alpha=case["cpo_alpha"])
+    _, their_loss, theirs, batch, step = dpo_both_sides(trainer, model, ours_with_reference(model, toy_rows), spec)
+
+    assert step.loss.item() == pytest.approx(their_loss.item(), **DPO_TOL)
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+                 "logps/rejected"):
+        assert step.metrics[name].item() == pytest.approx(theirs[name], **DPO_TOL), name
+    assert 0 < theirs["rewards/accuracies"] < 1  # the nudged policy wins some pairs and loses others
+    logits, pairs = full_logits(model, batch), len(toy_rows)
+    completion = (batch["labels"][:, 1:] != -100)
+    per_position = logits[:, :-1].mean(-1)
+    for name, half in (("logits/chosen", slice(None, pairs)), ("logits/rejected", slice(pairs, None))):
+        assert step.metrics[name].item() == pytest.approx(logits[half].mean().item(), **METRIC_TOL), name
+        assert theirs[name] == pytest.approx(per_position[half][completion[half]].mean().item(), **METRIC_TOL), name
+
+    their_loss.backward()
+    expected = gradients(model)
+    step.loss.backward()
+    for name, grad in gradients(model).items():
+        torch.testing.assert_close(grad, expected[name], **GRAD_TOL, msg=name)
+
+
+def test_dpo_on_the_model_at_the_reference_is_log_2_with_zero_rewards_on_both_sides(
+        dpo_trainer, ours_with_reference, tokenizer, toy_rows):
+    model = fresh_model(tokenizer)
+    trainer = dpo_trainer(model, 0.1)
+    _, their_loss, theirs, _, step = dpo_both_sides(trainer, model, ours_with_reference(model, toy_rows),
+                                                    LossSpec("dpo", beta=0.1, cpo_alpha=0.0), at_reference=True)
+    # Ours exactly: the reference came through the very forward the loss runs.
+    assert step.loss.item() == pytest.approx(math.log(2), abs=1e-7)
+    assert step.metrics["rewards/margins"].item() == 0.0 and step.metrics["rewards/accuracies"].item() == 0.0
+    assert their_loss.item() == pytest.approx(math.log(2), abs=1e-6) and theirs["rewards/accuracies"] == 0.0

@@ -41,7 +41,7 @@ def _presets(group: str) -> list[str]:
 def test_every_experiment_composes_and_validates(compose, name):
     cfg = compose([f"experiment={name}"])
     validate(cfg)
-    assert cfg.loss.name in ("sigmoid", "simpo")
+    assert cfg.loss.name in ("sigmoid", "simpo", "orpo", "dpo")
 
 
 def test_recipes_carry_the_published_loss_settings(compose):
