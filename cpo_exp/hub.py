@@ -73,7 +73,7 @@ def unreachable(url: str) -> Optional[str]:
     return None
 
 
-def local_path(name: str) -> Optional[Path]:
+def local_path(name: str, key: str) -> Optional[Path]:
     """The folder or file ``name`` names on this machine, or None when it is to be a hub id.
 
     A name that looks like a path (several slashes, ``./``, ``/``, ``~``) but does not exist is a
@@ -86,7 +86,7 @@ def local_path(name: str) -> Optional[Path]:
         return path
     if _HUB_ID.match(name):
         return None
-    raise FileNotFoundError(f"{name}: no such file or folder (resolved to {path.absolute()}, "
+    raise FileNotFoundError(f"{key}={name}: no such file or folder (resolved to {path.absolute()}, "
                             f"from the launch dir {Path.cwd()}); a hub id is 'owner/name'")
 
 
@@ -117,7 +117,7 @@ def _warn_once(message: str) -> None:
 
 def locate_model(name: str, key: str, revision: Optional[str] = None) -> Location:
     """A model or tokenizer name as ``from_pretrained`` should get it."""
-    path = local_path(name)
+    path = local_path(name, key)
     if path is not None:
         return Location(str(path))
     why = _why_cache_only()
@@ -137,25 +137,25 @@ def locate_model(name: str, key: str, revision: Optional[str] = None) -> Locatio
 
 def locate_dataset(name: str, key: str) -> Location:
     """A dataset name as ``load_dataset`` should get it; see :func:`load_cached_dataset`."""
-    path = local_path(name)
+    path = local_path(name, key)
     if path is not None:
         return Location(str(path))
-    why = _why_cache_only()
-    if why is not None and not offline():
-        _warn_once(f"{why}; {key}={name} is looked up in the local cache")
-    return Location(name, local_files_only=why is not None)
+    return Location(name, local_files_only=_why_cache_only() is not None)
 
 
 def load_cached_dataset(location: Location, key: str, name: Optional[str], split: str):
     """``load_dataset`` of a hub id from the local cache alone (``datasets``' offline mode)."""
     import datasets
 
+    why = _why_cache_only() or "the hub cannot be reached"
     with _datasets_offline():
         try:
-            return datasets.load_dataset(location.path, name, split=split)
+            dataset = datasets.load_dataset(location.path, name, split=split)
         except ConnectionError:  # what datasets raises offline for a dataset it has not cached
-            why = _why_cache_only() or "the hub cannot be reached"
             raise _not_cached(key, location.path, "dataset", why, datasets.config.HF_DATASETS_CACHE) from None
+    if not offline():
+        _warn_once(f"{why}; {key}={location.path} is read from the local cache")
+    return dataset
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ import datasets
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import run_cli, write_jsonl
 
 from cpo_exp.assets import locate
 from cpo_exp.data.adapters import alma_r
@@ -52,13 +52,13 @@ def offline(hf_home: Path) -> dict:
 
 
 def the_error_line(result) -> str:
-    """The run failed as a wrong command must: exit 2, no traceback, exactly one error line."""
+    """The run failed as a wrong command must: exit 2, no traceback, one line on stderr: the error."""
     output = result.stdout + result.stderr
     assert result.returncode == 2, output[-3000:]
     assert "Traceback" not in output, output[-3000:]
-    errors = [line for line in result.stderr.splitlines() if "[ERROR]" in line]
-    assert len(errors) == 1, errors
-    return errors[0]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "[ERROR]" in lines[0], lines
+    return lines[0]
 
 
 # --------------------------------------------------------------------------- hub ids
@@ -89,7 +89,7 @@ def test_a_tokenizer_id_is_named_by_its_own_key(workdir, offline):
 def test_a_path_that_does_not_exist_is_named_with_its_absolute_path(workdir):
     result = run_cli("model=hf", "model.name_or_path=./models/mine", "tracking=none", cwd=workdir)
     line = the_error_line(result)
-    assert f"resolved to {workdir.resolve() / 'models' / 'mine'}" in line
+    assert f"model.name_or_path=./models/mine: no such file or folder (resolved to {workdir.resolve() / 'models' / 'mine'}" in line
 
 
 def cache_model(hf_home: Path, repo_id: str) -> None:
@@ -119,6 +119,34 @@ def test_dataset_id_on_an_unreachable_hub_fails_in_one_line_without_retries(work
     line = the_error_line(result)
     assert "data.path=trl-lib/ultrafeedback_binarized" in line and "cannot be reached" in line
     assert "not in the local cache" in line and "local folder" in line
+    assert "Retrying" not in result.stderr
+
+
+def cache_dataset(hf_home: Path, repo_id: str, rows: list[dict], workdir: Path) -> None:
+    """``rows`` as train and test splits, laid out as ``datasets`` caches a hub download."""
+    from datasets.packaged_modules.json.json import Json
+
+    source = write_jsonl(workdir / "rows.jsonl", rows)
+    owner, name = repo_id.split("/")
+    cache = hf_home / "datasets"
+    Json(cache_dir=str(cache), dataset_name=name, config_name="default", hash="0" * 16,
+         data_files={"train": str(source), "test": str(source)}).download_and_prepare()
+    # A hub download lives under <owner>___<name>/<config>/; a local build, under <name>/<config>-<hash>/.
+    built = next((cache / name).iterdir())
+    (cache / f"{owner}___{name}").mkdir()
+    built.rename(cache / f"{owner}___{name}" / "default")
+
+
+@pytest.mark.slow
+def test_cached_dataset_id_trains_offline_and_when_the_hub_is_down(workdir, hf_home, offline, no_hub, toy_rows):
+    cache_dataset(hf_home, "cpo-exp-tests/tiny_prefs", toy_rows * 2, workdir)
+    args = ("data=ultrafeedback", "data.path=cpo-exp-tests/tiny_prefs", *SHORT)
+    result = run_cli(*args, cwd=workdir, env=offline)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train: 8 rows" in result.stderr
+    result = run_cli(*args, cwd=workdir, env=no_hub)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data.path=cpo-exp-tests/tiny_prefs is read from the local cache" in result.stderr
     assert "Retrying" not in result.stderr
 
 
