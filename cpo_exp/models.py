@@ -1,5 +1,8 @@
 """Load a model and its tokenizer from a local folder or a hub id (one code path for both).
 
+Where a name points is decided by :mod:`cpo_exp.hub` before anything is downloaded: a hub id
+that cannot be reached is read from the local cache, or stops the run with one line.
+
 Causal LMs and encoder-decoders are both supported; which one a folder holds is read from its
 ``config.json`` (``is_encoder_decoder``).
 """
@@ -10,17 +13,19 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
-from cpo_exp.assets import locate
 from cpo_exp.config import ModelConfig
+from cpo_exp.hub import locate_model
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer, with a pad token guaranteed (EOS stands in when there is none, as in TRL)."""
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    where = locate_model(cfg.tokenizer or cfg.name_or_path, key, cfg.revision)
     tokenizer = AutoTokenizer.from_pretrained(
-        locate(cfg.tokenizer or cfg.name_or_path), revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-        token=cfg.token,
+        where.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, token=cfg.token,
+        local_files_only=where.local_files_only,
     )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -31,16 +36,17 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 def is_encoder_decoder(cfg: ModelConfig) -> bool:
     """Read from the model's config alone (cheap: no weights), so data can be prepared first."""
-    config = AutoConfig.from_pretrained(locate(cfg.name_or_path), revision=cfg.revision,
-                                        trust_remote_code=cfg.trust_remote_code, token=cfg.token)
+    where = locate_model(cfg.name_or_path, "model.name_or_path", cfg.revision)
+    config = AutoConfig.from_pretrained(where.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                        token=cfg.token, local_files_only=where.local_files_only)
     return bool(getattr(config, "is_encoder_decoder", False))
 
 
 def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """Load weights, or build fresh ones from the folder's config when ``random_init`` is set."""
-    path = locate(cfg.name_or_path)
-    config = AutoConfig.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                        token=cfg.token)
+    where = locate_model(cfg.name_or_path, "model.name_or_path", cfg.revision)
+    config = AutoConfig.from_pretrained(where.path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                        token=cfg.token, local_files_only=where.local_files_only)
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
@@ -49,7 +55,8 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
     if cfg.random_init:
         model = auto.from_config(config, dtype=dtype if dtype != "auto" else None, **kwargs)
     else:
-        model = auto.from_pretrained(path, dtype=dtype, revision=cfg.revision, token=cfg.token, **kwargs)
+        model = auto.from_pretrained(where.path, dtype=dtype, revision=cfg.revision, token=cfg.token,
+                                     local_files_only=where.local_files_only, **kwargs)
     # The model must agree with the tokenizer on padding from the start (generation uses it).
     model.config.pad_token_id = tokenizer.pad_token_id
     if model.generation_config is not None:

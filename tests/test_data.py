@@ -371,13 +371,13 @@ def test_save_to_disk_folder_loads_too(tmp_path, tokenizer):
 
 
 def alma_row(pair: str, src: str, ref: str, gpt4: str, alma: str, scores: tuple, **extra) -> dict:
-    """One row shaped as in ALMA's loader: a 'translation' dict (see cpo_exp/data/adapters.py)."""
+    """One row shaped as haoranxu/ALMA-R-Preference: a 'translation' dict (see cpo_exp/data/adapters.py)."""
     first, _ = pair.split("-")
     translation = {"language_pair": pair, first: src, "en": ref, "gpt4_en": gpt4, "alma_en": alma,
-                   "ref_en_xcomet_kiwi": scores[0], "gpt4_en_xcomet_kiwi": scores[1],
-                   "alma_en_xcomet_kiwi": scores[2], "required_directions": "", "Delta": 0.0}
-    translation |= {f"gpt4_{first}": src + "!", f"alma_{first}": src + "?", f"ref_{first}_xcomet_kiwi": 0.9,
-                    f"gpt4_{first}_xcomet_kiwi": 0.8, f"alma_{first}_xcomet_kiwi": 0.7}
+                   "ref_en_kiwi_xcomet": scores[0], "gpt4_en_kiwi_xcomet": scores[1],
+                   "alma_en_kiwi_xcomet": scores[2], "required_directions": "", "Delta": 0.0}
+    translation |= {f"gpt4_{first}": src + "!", f"alma_{first}": src + "?", f"ref_{first}_kiwi_xcomet": 0.9,
+                    f"gpt4_{first}_kiwi_xcomet": 0.8, f"alma_{first}_kiwi_xcomet": 0.7}
     translation |= extra
     return {"translation": translation}
 
@@ -392,11 +392,11 @@ def test_alma_r_adapter_picks_best_and_worst_scored_translation(tmp_path, tokeni
     source = load_source(cfg, "train")
     pairs = source.dataset.to_list()
     assert [p["__row__"] for p in pairs] == [0, 0, 1, 1, 2]  # the en-de-only row yields one pair
-    assert pairs[0] == {"prompt": "Translate this from German to English:\nGerman: das rote Auto\nEnglish: ",
-                        "chosen": "the red car", "rejected": "the car red", "__row__": 0}
-    assert (pairs[2]["chosen"], pairs[2]["rejected"]) == ("one house", "a house")
+    assert pairs[0] == {"prompt": "Translate this from German to English:\nGerman: das rote Auto\nEnglish:",
+                        "chosen": " the red car", "rejected": " the car red", "__row__": 0}
+    assert (pairs[2]["chosen"], pairs[2]["rejected"]) == (" one house", " a house")
     assert pairs[1]["prompt"].startswith("Translate this from English to German:\nEnglish: the red car")
-    assert (pairs[1]["chosen"], pairs[1]["rejected"]) == ("das rote Auto", "das rote Auto?")
+    assert (pairs[1]["chosen"], pairs[1]["rejected"]) == (" das rote Auto", " das rote Auto?")
     assert len(prepare_data(cfg, tokenizer, SequenceLengths(), 0)["train"].dataset) == 5
     with pytest.raises(DataError, match="alma_r adapter needs translation\\['gpt4_en'\\]"):
         broken = [{"translation": {k: v for k, v in rows[0]["translation"].items() if k != "gpt4_en"}}]

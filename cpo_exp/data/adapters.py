@@ -4,16 +4,22 @@
 ``prompt``/``chosen``/``rejected`` columns and keeps the ``__row__`` column, so that problems
 still name the source row.
 
-``alma_r``: haoranxu/ALMA-R-Preference (Xu et al. 2024, the CPO paper's data). Its layout is
-taken from the authors' loader (fe1ixxu/ALMA, ``utils/utils.py::preprocess_cpo_data``), not from
-the dataset itself, which cannot be downloaded here: one config per language pair
-(``cs-en``, ``de-en``, ``is-en``, ``ru-en``, ``zh-en``), one column ``translation`` holding a dict
-with ``language_pair``, the two sentences under their language codes (the reference for the
-target), the systems' translations ``gpt4_<tgt>``/``alma_<tgt>``, their scores
-``<system>_<tgt>_<scorer>`` with system ``ref``/``gpt4``/``alma``, and optionally
-``required_directions`` and a human ``Delta``. The chosen translation is the best-scored of
-reference, GPT-4 and ALMA, the rejected one the worst-scored (``Delta`` overrides, as in the
-authors' code); the prompt is ALMA's "Translate this from X to Y:\\nX: <src>\\nY: ".
+``alma_r``: haoranxu/ALMA-R-Preference (Xu et al. 2024, the CPO paper's data), read as the
+authors' loader reads it (fe1ixxu/ALMA, ``utils/utils.py::preprocess_cpo_data``; the layout
+matches the dataset card): one config per language pair (``cs-en``, ``de-en``, ``is-en``,
+``ru-en``, ``zh-en``), one column ``translation`` holding a dict with ``language_pair``, the two
+sentences under their language codes (the reference for the target), the systems' translations
+``gpt4_<tgt>``/``alma_<tgt>``, their scores ``<system>_<tgt>_<scorer>`` with system
+``ref``/``gpt4``/``alma`` and scorer ``kiwi``, ``xcomet`` or ``kiwi_xcomet`` (their mean; the
+authors' ``runs/cpo_ft.sh`` trains with ``--cpo_scorer kiwi_xcomet``), ``required_directions``
+and a human ``Delta``. The chosen translation is the best-scored of reference, GPT-4 and ALMA,
+the rejected one the worst-scored (``Delta`` overrides, as in the authors' code).
+
+The prompt is the authors' ``get_prompt``: "Translate this from X to Y:\\nX: <src>\\nY:", with no
+space after the last colon. Their trainer tokenizes each completion on its own, so with their
+(SentencePiece) tokenizer the completion starts a new word; this pipeline tokenizes
+``prompt + completion`` as TRL 1.16 does, and gets the same token stream from a completion that
+starts with a space, so chosen and rejected are " <translation>".
 If the real columns differ, the adapter stops with an error that names the missing key.
 """
 
@@ -33,7 +39,7 @@ _SYSTEMS = ("ref", "gpt4", "alma")
 
 def alma_prompt(source: str, target: str, text: str) -> str:
     src, tgt = LANGUAGES[source], LANGUAGES[target]
-    return f"Translate this from {src} to {tgt}:\n{src}: {text}\n{tgt}: "
+    return f"Translate this from {src} to {tgt}:\n{src}: {text}\n{tgt}:"
 
 
 def _need(example: dict, key: str, where: str) -> Any:
@@ -55,7 +61,25 @@ def _alma_pair(example: dict, target: str, scorer: str, where: str) -> tuple[str
     return outputs[_SYSTEMS[best]], outputs[_SYSTEMS[worst]]
 
 
-def alma_r(dataset: datasets.Dataset, name: str, directions: list[str], scorer: str = "xcomet_kiwi") -> datasets.Dataset:
+def _check_keys(dataset: datasets.Dataset, name: str, wanted: list[tuple[str, str]], scorer: str) -> None:
+    """Directions and a scorer that match nothing in the data fail before any row is read (the
+    keys are the fields of the ``translation`` struct, known from the features)."""
+    fields = dataset.features["translation"]
+    if not isinstance(fields, dict):
+        return  # not a struct column: the rows are checked one by one
+    languages = sorted(k for k in fields if k in LANGUAGES)
+    targets = sorted({target for source, target in wanted if {source, target} <= set(languages)})
+    if not targets:
+        raise DataError(f"data.adapter_args.directions={['-'.join(w) for w in wanted]} match no language pair of "
+                        f"{name} (its languages: {', '.join(languages) or 'none'}); pick data.name to match")
+    if not any(f"ref_{target}_{scorer}" in fields for target in targets):
+        prefix = f"ref_{targets[0]}_"
+        known = sorted(k[len(prefix):] for k in fields if k.startswith(prefix))
+        raise DataError(f"data.adapter_args.scorer={scorer!r} names no score of {name} (no translation"
+                        f"[{prefix + scorer!r}]); its scorers: {', '.join(known) or 'none'}")
+
+
+def alma_r(dataset: datasets.Dataset, name: str, directions: list[str], scorer: str = "kiwi_xcomet") -> datasets.Dataset:
     """One pair per requested direction (e.g. ``de-en``, ``en-de``) of every row."""
     if "translation" not in dataset.column_names:
         raise DataError(f"the alma_r adapter needs a 'translation' column; {name} has {dataset.column_names}")
@@ -66,6 +90,7 @@ def alma_r(dataset: datasets.Dataset, name: str, directions: list[str], scorer: 
             raise DataError(f"data.adapter_args.directions: unknown direction {direction!r} "
                             f"(language codes: {', '.join(LANGUAGES)})")
         wanted.append((source, target))
+    _check_keys(dataset, name, wanted, scorer)
 
     def expand(batch: dict[str, list]) -> dict[str, list]:
         out = {"prompt": [], "chosen": [], "rejected": [], ROW_ID: []}
@@ -78,8 +103,8 @@ def alma_r(dataset: datasets.Dataset, name: str, directions: list[str], scorer: 
                     continue
                 chosen, rejected = _alma_pair(example, target, scorer, where)
                 out["prompt"].append(alma_prompt(source, target, _need(example, source, where)))
-                out["chosen"].append(chosen)
-                out["rejected"].append(rejected)
+                out["chosen"].append(" " + chosen)  # see the module docstring: the word boundary
+                out["rejected"].append(" " + rejected)
                 out[ROW_ID].append(row_id)
         return out
 

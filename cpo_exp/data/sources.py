@@ -16,6 +16,7 @@ from typing import Callable, Optional
 
 import datasets
 
+from cpo_exp import hub
 from cpo_exp.assets import locate as locate_asset
 from cpo_exp.config import DataConfig
 from cpo_exp.data.adapters import apply_adapter
@@ -98,7 +99,9 @@ def load_files(files: list[str], split: str) -> Source:
     for original in files:
         path = locate_asset(original) if original.startswith("pkg://") else original
         if not Path(path).is_file():
-            raise DataError(f"{split} data file not found: {original}")
+            # Relative paths are read from the launch dir (Hydra does not chdir); say which one.
+            raise DataError(f"{split} data file not found: {original} (resolved to {Path(path).absolute()}, "
+                            f"from the launch dir {Path.cwd()})")
         builder = _builder(path)
         lines = _json_lines(path) if path.lower().endswith(".jsonl") else None
         if path.lower().endswith(".json"):
@@ -123,8 +126,13 @@ def load_files(files: list[str], split: str) -> Source:
 
 
 def load_named(path: str, name: Optional[str], split: str) -> Source:
-    """A ``datasets`` dataset: a hub id, a local dataset folder, or a ``save_to_disk`` folder."""
-    local = Path(locate_asset(path)) if path.startswith("pkg://") else Path(path)
+    """A ``datasets`` dataset: a hub id, a local dataset folder, or a ``save_to_disk`` folder.
+
+    A hub id is looked up by :mod:`cpo_exp.hub` first: when the hub cannot be reached (or
+    ``HF_HUB_OFFLINE`` is set) only the local cache is read, with no retries.
+    """
+    where = hub.locate_dataset(path, "data.path")
+    local = Path(where.path)
     label = f"{path}" + (f" ({name})" if name else "") + f" split {split!r}"
     if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
         loaded = datasets.load_from_disk(str(local))
@@ -135,8 +143,13 @@ def load_named(path: str, name: Optional[str], split: str) -> Source:
         dataset = loaded
     else:
         try:
-            dataset = datasets.load_dataset(str(local) if local.is_dir() else path, name, split=split)
-        except Exception as err:  # noqa: BLE001 - network, unknown split or config: one named error
+            if where.local_files_only:
+                dataset = hub.load_cached_dataset(where, "data.path", name, split)
+            else:
+                dataset = datasets.load_dataset(where.path, name, split=split)
+        except hub.HubError:
+            raise
+        except Exception as err:  # noqa: BLE001 - unknown split or config, unreadable files: one named error
             raise DataError(f"could not load dataset {label}: {type(err).__name__}: {err}") from None
     return Source(dataset, label, lambda row_id: f"{label}, row {row_id}")
 
