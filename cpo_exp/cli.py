@@ -27,7 +27,7 @@ import cpo_exp
 from cpo_exp import checkpoint, interrupts
 from cpo_exp.checkpoint import CheckpointError
 from cpo_exp.config import Config, ConfigError, flatten, parse_override, unflatten, unknown_key, validate
-from cpo_exp.job import USER_ERRORS, RunClock, check_device, record_config, train_job
+from cpo_exp.job import USER_ERRORS, RunClock, check_device, check_sources, record_config, train_job
 from cpo_exp.sweep import SweepJob
 from cpo_exp.tracking import redact, tracked_run, tracking_uri
 
@@ -161,6 +161,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
         raise
     check_launcher(cfg.hardware.distributed, dict(os.environ))
     check_device(cfg.hardware)
+    check_sources(cfg)
     checkpoint.check_writable(cfg.output_dir)
 
     # open the run, record the config, train

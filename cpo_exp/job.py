@@ -111,6 +111,18 @@ def torch_threads(hardware: HardwareConfig, parameters: int, default: int) -> tu
     return default, "auto: torch's default for a model of this size; set hardware.num_threads to change it"
 
 
+def check_sources(cfg: Config) -> None:
+    """Where the model, tokenizer and data come from, decided before a tracking run is opened: an
+    unreachable hub or a missing path stops the job with one line (see :mod:`cpo_exp.hub`)."""
+    from cpo_exp import hub
+
+    hub.locate_model(cfg.model.name_or_path, "model.name_or_path", cfg.model.revision)
+    if cfg.model.tokenizer:
+        hub.locate_model(cfg.model.tokenizer, "model.tokenizer", cfg.model.revision)
+    if cfg.data.path:
+        hub.locate_dataset(cfg.data.path, "data.path")
+
+
 def check_device(hardware: HardwareConfig) -> None:
     """``hardware.cpu=false`` (``hardware=gpu``, ``ddp``, ...) asks for an accelerator: refuse to
     train on the CPU without a word when there is none."""
