@@ -247,6 +247,9 @@ class Config:
     beta: float = LossSpec.beta
     cpo_alpha: float = LossSpec.cpo_alpha
     simpo_gamma: float = LossSpec.simpo_gamma
+    # SimPO's margin as a share of beta (its authors tune beta, then gamma/beta in 0.3-0.8): when
+    # set, the loss uses simpo_gamma = simpo_gamma_ratio * beta, whatever simpo_gamma says.
+    simpo_gamma_ratio: Optional[float] = None
     label_smoothing: float = LossSpec.label_smoothing
     alpha: float = LossSpec.alpha
     max_length: int = SequenceLengths.max_length
@@ -267,7 +270,8 @@ class Config:
     resume: Optional[str] = None
 
     def loss_spec(self) -> LossSpec:
-        return LossSpec(self.loss.name, self.beta, self.cpo_alpha, self.simpo_gamma, self.label_smoothing, self.alpha)
+        gamma = self.simpo_gamma if self.simpo_gamma_ratio is None else self.simpo_gamma_ratio * self.beta
+        return LossSpec(self.loss.name, self.beta, self.cpo_alpha, gamma, self.label_smoothing, self.alpha)
 
     def lengths(self) -> SequenceLengths:
         return SequenceLengths(self.max_length, self.max_prompt_length, self.max_completion_length,
@@ -317,6 +321,9 @@ def _validate_loss(cfg: Config) -> None:
             f"Set label_smoothing=0 or use loss={smoothed}."
         )
     _require(math.isfinite(cfg.simpo_gamma), "simpo_gamma", "must be finite", cfg.simpo_gamma)
+    if cfg.simpo_gamma_ratio is not None:
+        _require(math.isfinite(cfg.simpo_gamma_ratio) and cfg.simpo_gamma_ratio >= 0, "simpo_gamma_ratio",
+                 "must be >= 0 and finite, or null", cfg.simpo_gamma_ratio)
     _require(math.isfinite(cfg.alpha), "alpha", "must be finite", cfg.alpha)
     if cfg.alpha != 0 and cfg.loss.name in NO_REWARD_SHAPE:
         raise ConfigError(

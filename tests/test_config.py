@@ -132,3 +132,12 @@ def test_cfg_job_prints_the_snapshot_of_the_default_config(workdir):
     result = run_cli("--cfg", "job", cwd=workdir)
     assert result.returncode == 0, result.stderr
     assert result.stdout == SNAPSHOT.read_text()
+
+
+def test_simpo_gamma_ratio_sets_the_margin_as_a_share_of_beta(compose):
+    spec = compose(["loss=simpo", "beta=10", "simpo_gamma_ratio=0.3"]).loss_spec()
+    assert (spec.beta, spec.simpo_gamma) == (10.0, 3.0)
+    assert compose(["loss=simpo", "beta=10"]).loss_spec().simpo_gamma == 1.0  # the preset's own gamma
+    cfg = compose(["loss=simpo", "simpo_gamma_ratio=-1"])
+    with pytest.raises(ConfigError, match=r"simpo_gamma_ratio must be >= 0 and finite, or null \(got -1.0\)"):
+        validate(cfg)
