@@ -339,7 +339,7 @@ def test_tracking_process_killed_mid_run_loses_neither_training_nor_metrics(work
                      "data.max_eval_samples=8", "hydra.run.dir=outputs/orphan", cwd=workdir)
     log_file = run_dir / "cpo_exp.log"
     wait_for(lambda: log_file.is_file() and "step 3/30" in log_file.read_text(), proc)
-    workers = [pid for pid, cmd in child_pids(proc.pid).items() if "cpo_exp.tracking_worker" in cmd]
+    workers = [pid for pid, cmd in child_pids(proc.pid).items() if "cpo_exp.tracking.worker" in cmd]
     assert len(workers) == 1
     os.kill(workers[0], signal.SIGKILL)
     _, stderr = proc.communicate(timeout=300)
@@ -355,7 +355,7 @@ def test_tracking_process_killed_mid_run_loses_neither_training_nor_metrics(work
 
 def test_metric_calls_reach_the_store_in_batches_without_waiting_for_the_next_call(tmp_path):
     from cpo_exp.tracking import open_run
-    from cpo_exp.tracking_worker import METRICS_BATCH_S
+    from cpo_exp.tracking.worker import METRICS_BATCH_S
 
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     client = MlflowClient(uri)
