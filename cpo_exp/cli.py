@@ -126,8 +126,8 @@ def run(dcfg: DictConfig) -> Optional[float]:
     if hydra_cfg.mode == RunMode.MULTIRUN:
         tags["sweep_dir"] = hydra_cfg.sweep.dir
         tags["job_num"] = hydra_cfg.job.num
-    name = cfg.tracking.run_name or run_name(redact(overrides))
     job = SweepJob.current()
+    name = cfg.tracking.run_name or (job.run_name() if job is not None else run_name(redact(overrides)))
     if job is not None:
         tags.update(job.tags)
     try:
@@ -205,6 +205,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
         log_file = Path(cfg.output_dir) / f"{hydra_cfg.job.name}.log"
         if log_file.is_file():
             tracker.log_artifact(str(log_file))
+    log.info("%s", tracker.how_to_view())
     _single_run_done = hydra_cfg.mode == RunMode.RUN
     objective = result.eval_metrics.get(cfg.objective.metric)
     if objective is None:
