@@ -3,9 +3,10 @@
 The training process never imports MLflow. :class:`cpo_exp.tracking.WorkerTracker` starts this
 process and writes one JSON line per call to its stdin; here the run is opened (while the
 trainer imports its libraries and reads its data, on another core), the calls are applied in
-order, and metrics go to the store in batches (``METRICS_BATCH_S`` apart at most). So a slow
-store, or a tracking server that has gone away, never stalls a training step: rows wait in
-memory, and in ``spill_file`` so that a crash loses none, and are sent when the store answers
+order, and metrics go to the store as soon as no other call is waiting: one store call for all
+that came meanwhile, so a batch forms by itself when calls come faster than the store answers.
+A slow store, or a tracking server that has gone away, never stalls a training step: rows wait
+in memory, and in ``spill_file`` so that a crash loses none, and are sent when the store answers
 again.
 
 Replies (``ready``, ``synced``, ``ended``) and log lines go back as JSON lines on the original
@@ -26,7 +27,6 @@ starts fast.
 from __future__ import annotations
 
 import json
-import math
 import os
 import queue
 import signal
@@ -40,10 +40,6 @@ from cpo_exp.tracking import TrackingError, check_reachable, is_remote, write_sp
 from cpo_exp.tracking.store import MAX_PARAM_CHARS, MAX_PARAMS_PER_CALL, Store, quiet_mlflow
 
 MAX_METRICS_PER_CALL = 1000  # MLflow's batch limit
-# Metric calls reach the store in batches, at most this long after they were made. Storing each
-# call on its own costs 4.4 ms of CPU (SQLite store), taken from training on a small machine; in
-# batches of five, 1.8 ms per call.
-METRICS_BATCH_S = 2.0
 
 
 class Replies:
@@ -108,34 +104,26 @@ class Run:
         self._spill_file = Path(spill_file) if spill_file else None
         self._wait_s = reconnect_timeout_s
         self._down_since: Optional[float] = None
-        self._next_try = 0.0
-        self._pending_since = 0.0  # when the oldest pending metric call came
+        self._next_try = 0.0  # while the store is away: when to try it again
         replies.log("info", f"MLflow: {uri} (experiment {experiment_name or run.info.experiment_id!r}, "
                             f"run {self.run_id})")
 
     # ------------------------------------------------------------------ metrics
 
     def add_metrics(self, metrics: dict[str, float], step: int, timestamp_ms: int, sequence: int) -> None:
-        if not self._pending:
-            self._pending_since = time.monotonic()
         self._pending.append((metrics, step, timestamp_ms))
         self._sequence = sequence
 
     def pending_rows(self) -> int:
         return sum(len(metrics) for metrics, _, _ in self._pending)
 
-    def _due_at(self) -> float:
-        if self._down_since is not None:
-            return self._next_try
-        return -math.inf if self.pending_rows() >= MAX_METRICS_PER_CALL else self._pending_since + METRICS_BATCH_S
-
-    def due_in(self) -> float:
-        """Seconds until :meth:`send_due` has something to do."""
-        return max(0.0, self._due_at() - time.monotonic()) if self._pending else self.retry_s
+    def due_in(self) -> Optional[float]:
+        """Seconds until :meth:`send_due` has something to do; None: nothing is pending."""
+        return max(0.0, self._next_try - time.monotonic()) if self._pending else None
 
     def send_due(self) -> None:
-        """Send what is pending once its batch is due (or, while the store is down, its retry time)."""
-        if self._pending and time.monotonic() >= self._due_at():
+        """Send what is pending, unless the store is away and its next try is not due yet."""
+        if self._pending and time.monotonic() >= self._next_try:
             self._send()
 
     def _send(self) -> bool:
@@ -237,7 +225,7 @@ def serve(replies: Replies, inbox: queue.Queue, run: Run) -> None:
         try:
             message = inbox.get(timeout=run.due_in())
         except queue.Empty:
-            run.send_due()  # a batch is due, or a store that was away may be back
+            run.send_due()  # no call is waiting, or a store that was away may be back
             continue
         if message is None:
             # Without waiting: nobody is left to wait for, and a scheduler's SIGKILL may follow.
@@ -247,7 +235,8 @@ def serve(replies: Replies, inbox: queue.Queue, run: Run) -> None:
         op = message.pop("op")
         if op == "metrics":
             run.add_metrics(message["metrics"], message["step"], message["timestamp"], message["sequence"])
-            run.send_due()
+            if inbox.empty() or run.pending_rows() >= MAX_METRICS_PER_CALL:  # else the next calls join this one
+                run.send_due()
             continue
         if op == "end":
             try:
