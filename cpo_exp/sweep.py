@@ -7,8 +7,9 @@ in the launching process before the first job starts and after the last one retu
   jobs (``hydra/launcher=joblib``) never race to initialise a fresh SQLite file;
 - opens the parent run, which carries the sweep definition (the command-line overrides, the
   sweeper and launcher settings, the objective) as params and a ``sweep.yaml`` artifact;
-- writes ``<sweep dir>/sweep.json`` (:class:`~cpo_exp.tracking.store.SweepRecord`): how every job, in this process or in
-  a joblib worker, finds its parent, and how ``python -m cpo_exp.report`` finds the sweep;
+- writes ``<sweep dir>/sweep.json`` (:class:`~cpo_exp.tracking.store.SweepRecord`): how every
+  job, in this process or in a joblib worker, finds its parent, and how ``python -m
+  cpo_exp.report`` finds the sweep;
 - ends the parent in ``on_multirun_end`` with the best job by the objective recorded on it.
 
 Status of the parent: it says what the command said. FINISHED when Hydra completes the sweep
