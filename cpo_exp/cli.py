@@ -150,7 +150,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
     # validate before anything is opened or loaded
     job = SweepJob.current()
     tags = run_tags(hydra_cfg, cfg.output_dir, job)
-    name = cfg.tracking.run_name or run_name(redact(overrides))
+    name = cfg.tracking.run_name or (job.run_name() if job is not None else run_name(redact(overrides)))
     try:
         validate(cfg)
         if job is not None:
@@ -183,6 +183,7 @@ def run(dcfg: DictConfig) -> Optional[float]:
         log_file = Path(cfg.output_dir) / f"{hydra_cfg.job.name}.log"
         if log_file.is_file():
             tracker.log_artifact(str(log_file))
+    log.info("%s", tracker.how_to_view())
     objective = result.eval_metrics.get(cfg.objective.metric)
     if objective is None:
         log.warning("no eval split, so no objective %s to return to the sweeper", cfg.objective.metric)

@@ -20,42 +20,26 @@ from omegaconf import OmegaConf
 from cpo_exp.cli import compose_config
 from cpo_exp.config import ConfigError, validate
 from cpo_exp.job import USER_ERRORS, generation_eval, prepare, quiet_progress_bars
-from cpo_exp.tracking import Tracker, reopened_run, tracked_run, tracking_uri
+from cpo_exp.tracking import Tracker, TrackingError, reopened_run, tracked_run, tracking_uri
+from cpo_exp.tracking.store import Store, store_exists
 
 log = logging.getLogger("cpo_exp.evaluate")
 
 
 def find_run(target: str, uri: str, experiment: str) -> tuple[Path, Optional[str]]:
     """``(run dir, MLflow run id or None)`` for a run directory or an MLflow run id."""
-    from mlflow.tracking import MlflowClient
-
     if Path(target).is_dir():
         run_dir = Path(target).resolve()
-        if not _store_exists(uri):
+        if not store_exists(uri):
             return run_dir, None
-        client = MlflowClient(tracking_uri=uri)
-        found = client.get_experiment_by_name(experiment)
-        runs = client.search_runs([found.experiment_id], f"tags.output_dir = '{run_dir}'") if found else []
-        return run_dir, (runs[0].info.run_id if runs else None)
-    client = MlflowClient(tracking_uri=uri) if _store_exists(uri) else None
-    if client is None:
+        return run_dir, Store(uri).run_of_output_dir(experiment, run_dir)
+    if not store_exists(uri):
         raise ConfigError(f"{target!r} is not a run directory, and there is no MLflow store at {uri}")
     try:
-        run = client.get_run(target)
-    except Exception:  # noqa: BLE001 - MLflow raises several types for an unknown id
+        run = Store(uri).get_run(target)
+    except TrackingError:
         raise ConfigError(f"{target!r} is neither a run directory nor an MLflow run id in {uri}") from None
-    return Path(run.data.tags["output_dir"]), target
-
-
-def _store_exists(uri: str) -> bool:
-    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).exists()
-
-
-def last_step(uri: str, run_id: str) -> int:
-    from mlflow.tracking import MlflowClient
-
-    history = MlflowClient(tracking_uri=uri).get_metric_history(run_id, "eval_loss")
-    return max((m.step for m in history), default=0)
+    return Path(run.tags["output_dir"]), target
 
 
 def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, float]:
@@ -84,7 +68,7 @@ def evaluate_run(target: str, overrides: list[str], new_run: bool) -> dict[str, 
     tokenizer = models.load_tokenizer(cfg.model)
     same_run = run_id is not None and not new_run
     if cfg.tracking.backend == "mlflow" and same_run:
-        step, context = last_step(uri, run_id), reopened_run(uri, run_id)
+        step, context = Store(uri).last_step(run_id), reopened_run(uri, run_id)
     else:
         step = 0
         tags = {"evaluated_run_id": run_id or "", "output_dir": str(run_dir)}

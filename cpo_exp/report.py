@@ -8,8 +8,10 @@ Writes into the sweep dir (or ``--out``) and logs as artifacts of the parent run
   line per job;
 - ``objective.png``: the final objective metric against each swept parameter.
 
-Everything comes from the tracking store; the sweep dir only says where the parent run is (its
-``sweep.json``, see :mod:`cpo_exp.sweep`). A sweep still running gives a partial report.
+Everything comes from the tracking store, read through :mod:`cpo_exp.tracking.store`; the sweep
+dir only says where the parent run is (its ``sweep.json``, written by :mod:`cpo_exp.sweep`, whose
+Hydra callback calls :func:`write_report`; this module imports neither it nor Hydra). A sweep
+still running gives a partial report.
 """
 
 from __future__ import annotations
@@ -19,15 +21,15 @@ import csv
 import json
 import logging
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from cpo_exp.config import parse_override
-from cpo_exp.sweep import SweepRecord, best_run, child_runs
+from cpo_exp.config import TrackingConfig, parse_override
+from cpo_exp.tracking import TrackingError, tracking_uri
+from cpo_exp.tracking.store import Store, StoredRun, SweepRecord, best_run
 
 log = logging.getLogger(__name__)
 
@@ -48,22 +50,22 @@ class JobRow:
     error: str = ""
 
 
-def _overrides(run) -> dict[str, str]:
-    raw = run.data.tags.get("overrides")
+def _overrides(run: StoredRun) -> dict[str, str]:
+    raw = run.tags.get("overrides")
     items = json.loads(raw) if raw else []
     return dict(parsed for parsed in map(parse_override, items) if parsed)
 
 
-def job_rows(runs: list) -> list[JobRow]:
+def job_rows(runs: list[StoredRun]) -> list[JobRow]:
     now_ms = time.time() * 1000
     rows = []
     for run in runs:
-        end = run.info.end_time or now_ms  # a running job: its duration so far
+        end = run.end_ms or now_ms  # a running job: its duration so far
         rows.append(JobRow(
-            run_id=run.info.run_id, name=run.info.run_name, job_num=run.data.tags.get("job_num", ""),
-            status=run.info.status, duration_s=(end - run.info.start_time) / 1000,
-            overrides=_overrides(run), metrics=dict(run.data.metrics),
-            error=run.data.tags.get("error", ""),
+            run_id=run.run_id, name=run.name, job_num=run.tags.get("job_num", ""),
+            status=run.status, duration_s=(end - run.start_ms) / 1000,
+            overrides=_overrides(run), metrics=dict(run.metrics),
+            error=run.tags.get("error", ""),
         ))
     return sorted(rows, key=lambda r: int(r.job_num) if r.job_num.isdigit() else math.inf)
 
@@ -107,7 +109,7 @@ def _label(row: JobRow, keys: list[str]) -> str:
     return ",".join(f"{k}={_cell(row.overrides.get(k, ''))}" for k in keys) or row.name
 
 
-def plot_curves(client, rows: list[JobRow], keys: list[str], out: Path) -> Path:
+def plot_curves(store: Store, rows: list[JobRow], keys: list[str], out: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,10 +118,10 @@ def plot_curves(client, rows: list[JobRow], keys: list[str], out: Path) -> Path:
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2), dpi=80)
     for ax, metric in zip(axes, CURVES):
         for row in rows:
-            history = sorted(client.get_metric_history(row.run_id, metric), key=lambda m: m.step)
+            history = store.metric_history(row.run_id, metric)
             if history:
                 style = "--" if row.status == "FAILED" else "-"
-                ax.plot([m.step for m in history], [m.value for m in history], style, marker=".",
+                ax.plot([step for step, _ in history], [value for _, value in history], style, marker=".",
                         label=_label(row, keys))
         ax.set_title(metric, fontsize=10)
         ax.set_xlabel("step")
@@ -177,28 +179,28 @@ def plot_objective(rows: list[JobRow], keys: list[str], metric: str, out: Path) 
     return path
 
 
-def write_report(client, parent_run_id: str, out: Path, log_to_parent: bool = True) -> list[Path]:
+def write_report(store: Store, parent_run_id: str, out: Path, log_to_parent: bool = True) -> list[Path]:
     """Table and plots of the sweep under ``parent_run_id``, written to ``out``."""
-    parent = client.get_run(parent_run_id)
-    runs = child_runs(client, parent_run_id)
+    parent = store.get_run(parent_run_id)
+    runs = store.child_runs(parent_run_id)
     rows = job_rows(runs)
     keys = swept_keys(rows)
-    objective = parent.data.params.get("objective.metric", "eval_rewards/accuracies")
-    direction = parent.data.params.get("objective.direction", "maximize")
+    objective = parent.params.get("objective.metric", "eval_rewards/accuracies")
+    direction = parent.params.get("objective.direction", "maximize")
     metrics = list(dict.fromkeys([*FINAL_METRICS, objective]))
     out.mkdir(parents=True, exist_ok=True)
     md, csv_path = write_table(rows, keys, metrics, out)
     best = best_run(runs, objective, direction)
     summary = (f"\n{len(rows)} jobs: " + ", ".join(f"{s.lower()} {n}" for s, n in _counts(rows)) +
-               f"; sweep {parent.info.status.lower()}.")
+               f"; sweep {parent.status.lower()}.")
     if best is not None:
-        summary += f" Best by {objective} ({direction}): job {best.data.tags.get('job_num')} " \
-                   f"`{best.info.run_name}` = {best.data.metrics[objective]:.4g}."
+        summary += f" Best by {objective} ({direction}): job {best.tags.get('job_num')} " \
+                   f"`{best.name}` = {best.metrics[objective]:.4g}."
     md.write_text(md.read_text() + summary + "\n")
-    paths = [md, csv_path, plot_curves(client, rows, keys, out), plot_objective(rows, keys, objective, out)]
+    paths = [md, csv_path, plot_curves(store, rows, keys, out), plot_objective(rows, keys, objective, out)]
     if log_to_parent:
         for path in paths:
-            client.log_artifact(parent_run_id, str(path), "report")
+            store.log_artifact(parent_run_id, str(path), "report")
     return paths
 
 
@@ -207,7 +209,7 @@ def _counts(rows: list[JobRow]) -> list[tuple[str, int]]:
     return [(s, statuses.count(s)) for s in dict.fromkeys(statuses)]
 
 
-def locate(target: str, tracking_uri: Optional[str]) -> tuple[str, str, Optional[Path]]:
+def locate(target: str, uri: Optional[str]) -> tuple[str, str, Optional[Path]]:
     """``(tracking uri, parent run id, sweep dir)`` of a sweep dir or a parent run id."""
     path = Path(target)
     if path.is_dir():
@@ -215,9 +217,8 @@ def locate(target: str, tracking_uri: Optional[str]) -> tuple[str, str, Optional
         if record is None or not record.parent_run_id:
             raise SystemExit(f"{path} has no {'sweep.json' if record is None else 'MLflow parent run'}: "
                              "not a sweep dir of cpo_exp, or the sweep ran with tracking=none")
-        return tracking_uri or record.tracking_uri, record.parent_run_id, path
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
-    return uri, target, None
+        return uri or record.tracking_uri, record.parent_run_id, path
+    return tracking_uri(TrackingConfig(tracking_uri=uri), str(Path.cwd())), target, None
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -229,20 +230,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
 
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     uri, run_id, sweep_dir = locate(args.target, args.tracking_uri)
-    client = MlflowClient(tracking_uri=uri)
+    store = Store(uri)
     try:
-        parent = client.get_run(run_id)
-    except MlflowException as err:
-        raise SystemExit(f"no MLflow run {run_id!r} at {uri}: {err.message}") from None
+        parent = store.get_run(run_id)
+    except TrackingError as err:
+        raise SystemExit(str(err)) from None
     if sweep_dir is None:
-        recorded = Path(parent.data.tags.get("sweep_dir", ""))
+        recorded = Path(parent.tags.get("sweep_dir", ""))
         sweep_dir = recorded if recorded.parts and recorded.is_dir() else None
     out = args.out or sweep_dir or Path(f"sweep_report_{run_id[:8]}")
-    paths = write_report(client, run_id, out)
+    paths = write_report(store, run_id, out)
     sys.stdout.write(paths[0].read_text())
     log.info("report of parent run %s (%s) written to %s and logged to the parent run", run_id, uri, out)
     return 0

@@ -7,8 +7,9 @@ in the launching process before the first job starts and after the last one retu
   jobs (``hydra/launcher=joblib``) never race to initialise a fresh SQLite file;
 - opens the parent run, which carries the sweep definition (the command-line overrides, the
   sweeper and launcher settings, the objective) as params and a ``sweep.yaml`` artifact;
-- writes ``<sweep dir>/sweep.json`` (:class:`SweepRecord`): how every job, in this process or in
-  a joblib worker, finds its parent, and how ``python -m cpo_exp.report`` finds the sweep;
+- writes ``<sweep dir>/sweep.json`` (:class:`~cpo_exp.tracking.store.SweepRecord`): how every
+  job, in this process or in a joblib worker, finds its parent, and how ``python -m
+  cpo_exp.report`` finds the sweep;
 - ends the parent in ``on_multirun_end`` with the best job by the objective recorded on it.
 
 Status of the parent: it says what the command said. FINISHED when Hydra completes the sweep
@@ -21,6 +22,10 @@ when Ctrl-C or SIGTERM stopped it (also ended at process exit).
 Hydra turns any exception raised by a callback into a warning, so nothing here can stop a
 sweep; checks that must reject a job live in :class:`SweepJob`, which the entry point runs in
 each job before any compute.
+
+Imports point one way: this module (Hydra's side) uses :mod:`cpo_exp.report` and
+:mod:`cpo_exp.tracking.store`; neither of them imports this one, nor Hydra, nor does anything
+here import MLflow (the store does).
 """
 
 from __future__ import annotations
@@ -29,51 +34,22 @@ import atexit
 import json
 import logging
 import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cpo_exp import interrupts
-from cpo_exp.config import ConfigError, TrackingConfig
-from cpo_exp.tracking import check_reachable, tracking_uri
+from cpo_exp.config import ConfigError, TrackingConfig, parse_override
+from cpo_exp.report import write_report
+from cpo_exp.tracking import check_reachable, redact, tracking_uri
+from cpo_exp.tracking.store import Store, SweepRecord, best_run
 
 log = logging.getLogger(__name__)
-
-SWEEP_FILE = "sweep.json"
-_MAX_PARAM_CHARS = 6000
-
-
-@dataclass
-class SweepRecord:
-    """What the launching process tells the jobs and the report about the sweep."""
-
-    sweep_dir: str
-    overrides: list[str]
-    launcher: dict[str, Any]
-    sweeper: dict[str, Any]
-    objective: dict[str, Any] = field(default_factory=dict)
-    tracking_uri: Optional[str] = None
-    experiment_name: Optional[str] = None
-    parent_run_id: Optional[str] = None
-
-    def write(self) -> None:
-        path = Path(self.sweep_dir) / SWEEP_FILE
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, default=str))
-        tmp.replace(path)  # a job never reads a half-written file
-
-    @classmethod
-    def read(cls, sweep_dir: str | Path) -> Optional["SweepRecord"]:
-        path = Path(sweep_dir) / SWEEP_FILE
-        if not path.is_file():
-            return None
-        return cls(**json.loads(path.read_text()))
 
 
 def _container(node: Any) -> Any:
@@ -95,7 +71,7 @@ class SweepCallback(Callback):
     def __init__(self, report: bool = True) -> None:
         self.report = report
         self.record: Optional[SweepRecord] = None
-        self._client = None
+        self._store: Optional[Store] = None
         self._ended = False
 
     # ---------------------------------------------------------------- start
@@ -115,21 +91,15 @@ class SweepCallback(Callback):
         self.record = record
 
     def _open_parent(self, record: SweepRecord, tracking: TrackingConfig) -> None:
-        from mlflow.tracking import MlflowClient
-
         uri = tracking_uri(tracking, os.getcwd())
         check_reachable(uri)
-        client = MlflowClient(tracking_uri=uri)
+        store = Store(uri)
         # Created here, once: N workers opening a fresh SQLite file at once would each try to
         # create its tables and the experiment.
-        experiment = client.get_experiment_by_name(tracking.experiment_name)
-        experiment_id = (experiment.experiment_id if experiment is not None
-                         else client.create_experiment(tracking.experiment_name))
+        experiment_id = store.experiment_id(tracking.experiment_name)
         name = "sweep: " + (" ".join(record.overrides) or "default")
-        run = client.create_run(experiment_id, run_name=name[:250],
-                                tags={"sweep_dir": record.sweep_dir, "sweep_role": "parent"})
-        run_id = run.info.run_id
-        client.set_tag(run_id, "sweep_id", run_id)
+        run_id = store.create_run(experiment_id, name, {"sweep_dir": record.sweep_dir, "sweep_role": "parent"})
+        store.set_tags(run_id, {"sweep_id": run_id})
         params = {
             "sweep.overrides": " ".join(record.overrides),
             "sweep.launcher": record.launcher.get("_target_", ""),
@@ -142,12 +112,12 @@ class SweepCallback(Callback):
                 params[f"sweep.{key}"] = record.sweeper[key]
         if "n_jobs" in record.launcher:
             params["sweep.launcher.n_jobs"] = record.launcher["n_jobs"]
-        client.log_batch(run_id, params=_params(params))
-        client.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(
+        store.log_params(run_id, params)
+        store.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(
             {"overrides": record.overrides, "launcher": record.launcher, "sweeper": record.sweeper,
              "objective": record.objective})), "sweep.yaml")
         record.tracking_uri, record.experiment_name, record.parent_run_id = uri, tracking.experiment_name, run_id
-        self._client = client
+        self._store = store
         atexit.register(self._end_at_exit)
         log.info("MLflow parent run %s of sweep %s (%s)", run_id, record.sweep_dir, uri)
 
@@ -160,80 +130,45 @@ class SweepCallback(Callback):
         self._end("KILLED" if interrupts.stopped_by() else "FAILED")
 
     def _end(self, status: str) -> None:
-        if self._ended or self.record is None or self._client is None:
+        if self._ended or self.record is None or self._store is None:
             return
         self._ended = True
-        client, record, run_id = self._client, self.record, self.record.parent_run_id
+        store, record, run_id = self._store, self.record, self.record.parent_run_id
         try:
-            summarise_parent(client, record)
+            summarise_parent(store, record)
         except Exception as err:  # noqa: BLE001 - the parent must be ended whatever happens
             log.warning("sweep summary failed: %s: %s", type(err).__name__, err)
-        client.set_terminated(run_id, status=status)
+        store.end_run(run_id, status)
         log.info("MLflow parent run %s ended %s", run_id, status)
         if self.report:  # after the end, so that the report states the sweep's final status
             try:
-                from cpo_exp.report import write_report
-
-                paths = write_report(client, run_id, Path(record.sweep_dir))
+                paths = write_report(store, run_id, Path(record.sweep_dir))
                 log.info("sweep report: %s", paths[0])
             except Exception as err:  # noqa: BLE001 - a plotting problem must not fail the sweep
                 log.warning("sweep report failed: %s: %s", type(err).__name__, err)
 
 
-def _params(params: dict[str, Any]):
-    from mlflow.entities import Param
-
-    return [Param(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v)[:_MAX_PARAM_CHARS])
-            for k, v in params.items()]
-
-
-def child_runs(client, parent_run_id: str) -> list:
-    """The job runs of a sweep, oldest first (all of them, however many pages)."""
-    parent = client.get_run(parent_run_id)
-    runs, token = [], None
-    while True:
-        page = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'",
-                                  order_by=["attributes.start_time ASC"], max_results=1000, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
-
-
-def best_run(runs: list, metric: str, direction: str):
-    """The finished run with the best final ``metric``, or None."""
-    scored = [r for r in runs if r.info.status == "FINISHED" and metric in r.data.metrics]
-    if not scored:
-        return None
-    pick = max if direction == "maximize" else min
-    return pick(scored, key=lambda r: r.data.metrics[metric])
-
-
-def summarise_parent(client, record: SweepRecord) -> None:
+def summarise_parent(store: Store, record: SweepRecord) -> None:
     """Job counts, the best job by the objective, and Optuna's own result, on the parent run."""
     run_id = record.parent_run_id
-    runs = child_runs(client, run_id)
-    statuses = [r.info.status for r in runs]
-    client.set_tag(run_id, "jobs", len(runs))
-    client.set_tag(run_id, "failed_jobs", statuses.count("FAILED"))
+    runs = store.child_runs(run_id)
+    statuses = [r.status for r in runs]
+    store.set_tags(run_id, {"jobs": len(runs), "failed_jobs": statuses.count("FAILED")})
     metric = record.objective.get("metric")
     best = best_run(runs, metric, record.objective.get("direction", "maximize")) if metric else None
     if best is not None:
-        client.set_tag(run_id, "best_run_id", best.info.run_id)
-        client.set_tag(run_id, "best_run_name", best.info.run_name)
-        client.log_metric(run_id, "best/" + metric, best.data.metrics[metric])
+        store.set_tags(run_id, {"best_run_id": best.run_id, "best_run_name": best.name})
+        store.log_metric(run_id, "best/" + metric, best.metrics[metric])
     optuna_result = Path(record.sweep_dir) / "optimization_results.yaml"
     if optuna_result.is_file():
         result = OmegaConf.to_container(OmegaConf.load(optuna_result))
-        client.log_artifact(run_id, str(optuna_result))
+        store.log_artifact(run_id, str(optuna_result))
         if "best_value" in result:
-            client.log_metric(run_id, "optuna/best_value", float(result["best_value"]))
-            client.log_batch(run_id, params=_params(
-                {f"optuna.best_params.{k}": v for k, v in result.get("best_params", {}).items()}))
+            store.log_metric(run_id, "optuna/best_value", float(result["best_value"]))
+            store.log_params(run_id, {f"optuna.best_params.{k}": v for k, v in result.get("best_params", {}).items()})
     multirun_yaml = Path(record.sweep_dir) / "multirun.yaml"
     if multirun_yaml.is_file():
-        client.log_artifact(run_id, str(multirun_yaml))
+        store.log_artifact(run_id, str(multirun_yaml))
 
 
 # -------------------------------------------------------------------- the job side
@@ -263,6 +198,28 @@ class SweepJob:
         if self.record is not None and self.record.parent_run_id:
             tags["sweep_id"] = self.record.parent_run_id
         return tags
+
+    def swept_keys(self) -> list[str]:
+        """The keys whose value varies between the sweep's jobs: a swept command-line override
+        (``beta=0.1,1``, ``range(...)``, ``choice(...)``...) or a sweeper's ``params`` entry."""
+        if self.record is None:
+            return []
+        parser = OverridesParser.create()
+        keys = [parsed.get_key_element().lstrip("+~") for parsed in parser.parse_overrides(self.record.overrides)
+                if parsed.is_sweep_override()]
+        return list(dict.fromkeys([*keys, *(self.record.sweeper.get("params") or {})]))
+
+    def run_name(self) -> str:
+        """The job's overrides, its swept values first: MLflow's table cuts names at ~20 characters.
+
+        The full overrides, in command-line order, are the ``overrides`` tag.
+        """
+        swept = self.swept_keys()
+        overrides = redact(self.overrides)
+        keys = [(parse_override(o) or (o, ""))[0] for o in overrides]
+        ordered = [o for k, o in zip(keys, overrides) if k in swept] + [o for k, o in zip(keys, overrides)
+                                                                           if k not in swept]
+        return ",".join(ordered) or "default"
 
     def parent_run_id(self, uri: str, experiment_name: str) -> Optional[str]:
         """The parent, when this job logs to the parent's store and experiment."""
@@ -303,15 +260,10 @@ class SweepJob:
         """A FAILED child run for a job rejected before its run opened, so the sweep shows it."""
         if tracking.backend != "mlflow":
             return
-        from mlflow.tracking import MlflowClient
-
         uri = tracking_uri(tracking, launch_dir)
         parent = self.parent_run_id(uri, tracking.experiment_name)
         if parent is None:
             return
-        client = MlflowClient(tracking_uri=uri)
-        experiment_id = client.get_run(parent).info.experiment_id
-        run = client.create_run(experiment_id, run_name=name, tags={
-            **{k: str(v) for k, v in tags.items()}, "mlflow.parentRunId": parent,
-            "error": f"{type(err).__name__}: {err}"[:5000]})
-        client.set_terminated(run.info.run_id, status="FAILED", end_time=int(time.time() * 1000))
+        store = Store(uri)
+        store.record_failed_run(store.get_run(parent).experiment_id, name, {**tags, "mlflow.parentRunId": parent},
+                                f"{type(err).__name__}: {err}")

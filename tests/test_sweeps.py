@@ -24,7 +24,8 @@ from cpo_exp.cli import config_dir
 from cpo_exp.config import validate
 from cpo_exp.report import REPORT_FILES
 from cpo_exp.report import main as report_main
-from cpo_exp.sweep import SweepRecord
+from cpo_exp.sweep import SweepJob
+from cpo_exp.tracking.store import Store, SweepRecord
 
 QUICK_SWEEP = [*QUICK, "train.save_model=false"]
 CONF = Path(config_dir())
@@ -121,21 +122,24 @@ def _assert_valid_report(sweep_dir: Path, jobs: int) -> None:
 
 @pytest.mark.slow
 def test_grid_sweep_makes_one_parent_run_with_a_child_per_job(workdir):
-    result = run_cli("-m", "loss=sigmoid,simpo", "beta=0.1,2.0", *QUICK_SWEEP, cwd=workdir)
+    result = run_cli("-m", "train.save_model=false", "loss=sigmoid,simpo", "beta=0.1,2.0", *QUICK, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     client = _store(workdir)
     parent, children = _parent_and_children(client)
     assert parent.info.status == "FINISHED" and len(children) == 4
     assert all(r.info.status == "FINISHED" for r in children)
+    # The swept values come first in the name (MLflow's table shows ~20 characters of it).
     # Hydra's sweeper normalises values (false -> False), hence the lower().
     assert {r.info.run_name.lower() for r in children} == {
-        f"loss={loss},beta={beta},{','.join(QUICK_SWEEP)}" for loss in ("sigmoid", "simpo") for beta in ("0.1", "2.0")
+        f"loss={loss},beta={beta},train.save_model=false,{','.join(QUICK)}"
+        for loss in ("sigmoid", "simpo") for beta in ("0.1", "2.0")
     }
+    assert {json.loads(r.data.tags["overrides"])[0].lower() for r in children} == {"train.save_model=false"}
     assert {r.data.tags["job_num"] for r in children} == {"0", "1", "2", "3"}
     assert {r.data.tags["sweep_dir"] for r in children} == {parent.data.tags["sweep_dir"]}
     assert {r.data.tags["choice/loss"] for r in children} == {"sigmoid", "simpo"}
     # The sweep definition and its outcome are on the parent.
-    assert parent.data.params["sweep.overrides"].startswith("loss=sigmoid,simpo beta=0.1,2.0")
+    assert parent.data.params["sweep.overrides"].startswith("train.save_model=false loss=sigmoid,simpo beta=0.1,2.0")
     assert parent.data.params["sweep.launcher"].endswith("BasicLauncher")
     assert parent.data.params["objective.metric"] == "eval_rewards/accuracies"
     assert parent.data.tags["jobs"] == "4" and parent.data.tags["failed_jobs"] == "0"
@@ -318,7 +322,8 @@ def test_report_of_a_sweep_still_running_shows_what_exists(tmp_path):
     """A parent still RUNNING with one finished job and one that has not evaluated yet."""
     from cpo_exp.report import write_report
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
     experiment = client.create_experiment("cpo_exp")
     parent = client.create_run(experiment, run_name="sweep: beta=1,2", tags={"sweep_role": "parent"}).info.run_id
     client.log_param(parent, "objective.metric", "eval_rewards/accuracies")
@@ -329,8 +334,19 @@ def test_report_of_a_sweep_still_running_shows_what_exists(tmp_path):
             for step, value in ((0, 0.5), (10, 0.75)):
                 client.log_metric(child.info.run_id, "eval_rewards/accuracies", value, step=step)
             client.set_terminated(child.info.run_id, "FINISHED")
-    paths = write_report(client, parent, tmp_path / "report")
+    paths = write_report(Store(uri), parent, tmp_path / "report")
     _assert_valid_report(tmp_path / "report", jobs=2)
     table = paths[0].read_text()
     assert "| 0 | 1 | FINISHED |" in table and "| 1 | 2 | RUNNING |" in table and "sweep running" in table
     assert "| x |" not in table.splitlines()[0]  # only swept values get a column
+
+
+def test_a_jobs_run_name_puts_the_swept_values_first():
+    record = SweepRecord("unused", ["train.max_steps=6", "loss=sigmoid,simpo", "data.train_files=[a.jsonl,b.jsonl]",
+                                    "+beta=range(1,3)"], launcher={}, sweeper={"params": {"simpo_gamma": "0.5,1"}})
+    job = SweepJob(record, ["train.max_steps=6", "loss=simpo", "data.train_files=[a.jsonl,b.jsonl]", "+beta=2",
+                            "model.token=hf_x", "simpo_gamma=1"], num=3)
+    # A list value has commas but is one value; the sweeper's params are swept too; secrets stay out.
+    assert job.swept_keys() == ["loss", "beta", "simpo_gamma"]
+    assert job.run_name() == ("loss=simpo,+beta=2,simpo_gamma=1,train.max_steps=6,data.train_files=[a.jsonl,b.jsonl],"
+                              "model.token=***")

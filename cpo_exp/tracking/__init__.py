@@ -1,12 +1,21 @@
 """Experiment tracking: one MLflow run per job, ended with the right status whatever happens.
 
-The default store is ``sqlite:///<launch dir>/mlflow.db`` (MLflow >= 3.13 refuses a plain
-``./mlruns`` file store); ``MLFLOW_TRACKING_URI`` or ``tracking.tracking_uri`` point it at a
-``mlflow server`` instead. ``tracking.backend=none`` turns tracking off.
+Only this package talks to MLflow:
 
-MLflow itself runs in a process of its own (:mod:`cpo_exp.tracking_worker`): the run opens
-there while this process imports its libraries and reads its data, and no logging call ever
-waits for the store.
+- ``cpo_exp.tracking`` (this module): the run as a training job sees it (:class:`Tracker`,
+  :func:`tracked_run`), the store's URI (:func:`tracking_uri`), redaction of secrets. It never
+  imports MLflow.
+- :mod:`cpo_exp.tracking.worker`: the MLflow process behind a job's run. The trainer writes one
+  JSON line per call to its stdin, so no training step waits for the store; it rides out a
+  tracking server that has gone away, and ends the run KILLED if the trainer is killed outright.
+- :mod:`cpo_exp.tracking.store`: queries and writes for the processes that are not a training
+  job: a sweep's parent run (:mod:`cpo_exp.sweep`), the report, ``cpo_exp.evaluate``.
+
+The default store is ``sqlite:///<launch dir>/mlflow.db`` (MLflow >= 3.13 refuses a plain
+``./mlruns`` file store), its artifacts in ``mlartifacts/`` beside it; ``MLFLOW_TRACKING_URI`` or
+``tracking.tracking_uri`` point it at a ``mlflow server`` instead. ``tracking.backend=none`` turns
+tracking off. MLflow's own INFO lines (creating a fresh database, its migrations) are hidden
+unless ``MLFLOW_LOGGING_LEVEL=INFO`` is set.
 """
 
 from __future__ import annotations
@@ -23,27 +32,69 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+from urllib.parse import urlparse
 
-from cpo_exp.config import TrackingConfig
 from cpo_exp.interrupts import Stopped
-from cpo_exp.tracking_worker import TrackingError, check_reachable
+
+if TYPE_CHECKING:  # cpo_exp.config imports torch, which the MLflow process must not load
+    from cpo_exp.config import TrackingConfig
 
 __all__ = ["TrackingError", "check_reachable", "Tracker", "WorkerTracker", "tracked_run", "reopened_run",
-           "tracking_uri", "redact"]
+           "tracking_uri", "redact", "how_to_view"]
 
 log = logging.getLogger(__name__)
 
 
-def tracking_uri(cfg: TrackingConfig, launch_dir: str) -> str:
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message names it."""
+
+
+def tracking_uri(cfg: "TrackingConfig", launch_dir: str) -> str:
     """``tracking.tracking_uri``, else ``$MLFLOW_TRACKING_URI``, else the launch dir's SQLite file."""
     if cfg.tracking_uri:
         return cfg.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(launch_dir).resolve() / 'mlflow.db'}"
+
+
+def is_remote(uri: str) -> bool:
+    return urlparse(uri).scheme in ("http", "https")
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, before training, when a tracking server does not answer."""
+    if not is_remote(uri):
+        return
+    import requests
+
+    try:
+        requests.get(uri.rstrip("/") + "/health", timeout=timeout_s).raise_for_status()
+    except requests.RequestException as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is not reachable ({type(err).__name__}). Start it, fix "
+            "MLFLOW_TRACKING_URI / tracking.tracking_uri, or run with tracking=none."
+        ) from None
+
+
+def how_to_view(uri: str, run_id: Optional[str], experiment_id: Optional[str] = None) -> str:
+    """One line saying where a run is and the command (or URL) that shows it."""
+    if run_id is None:
+        return f"MLflow: no run was opened in {uri}"
+    if is_remote(uri):
+        return f"MLflow run {run_id}: {uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"MLflow run {run_id}; to look at it: mlflow ui --backend-store-uri {uri}"
+
+
+def write_spill(spill_file: Path, calls: Iterable[Mapping[str, Any]], mode: str = "a") -> None:
+    """Metric calls that did not reach the store, one JSON line each (``step``, ``timestamp``,
+    ``metrics``): the one format of ``unsent_metrics.jsonl``, whoever writes it."""
+    with spill_file.open(mode) as spill:
+        spill.writelines(json.dumps({k: call[k] for k in ("step", "timestamp", "metrics")}) + "\n"
+                         for call in calls)
 
 
 # Keys whose values must never reach the store: hub_token, db_password, client_secret, api_key...
@@ -100,9 +151,13 @@ class Tracker:
     def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
         pass
 
+    def how_to_view(self) -> str:
+        """A line for the end of the job's log: where its run is and how to look at it."""
+        return "MLflow: not tracked (tracking.backend=none)"
+
 
 class WorkerTracker(Tracker):
-    """Tracking through :mod:`cpo_exp.tracking_worker`: each call is one JSON line to its stdin.
+    """Tracking through :mod:`cpo_exp.tracking.worker`: each call is one JSON line to its stdin.
 
     A writer thread does the writing, so no call waits, not even for a full pipe. Files handed to
     ``log_artifact(s)`` are copied first (a snapshot at call time: the caller may delete or
@@ -111,15 +166,17 @@ class WorkerTracker(Tracker):
     """
 
     def __init__(self, opening: Mapping[str, Any], wait_s: float):
+        self._uri = opening["uri"]
         self._spill_file = Path(opening["spill_file"]) if opening.get("spill_file") else None
         self._wait_s = wait_s
-        self._proc = subprocess.Popen([sys.executable, "-m", "cpo_exp.tracking_worker"],
+        self._proc = subprocess.Popen([sys.executable, "-m", "cpo_exp.tracking.worker"],
                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         self._outbox: queue.Queue = queue.Queue()
         self._replies: queue.Queue = queue.Queue()
         self._staging = Path(tempfile.mkdtemp(prefix="cpo_exp-artifacts-"))
         self._staged = 0
         self._run_id: Optional[str] = None
+        self._experiment_id: Optional[str] = None
         self._ended = False
         # Metric calls not yet confirmed stored, by sequence number: if the worker dies, they
         # (and every later one) go to the spill file instead of being lost with it.
@@ -151,12 +208,10 @@ class WorkerTracker(Tracker):
             pass
 
     def _spill(self, messages: list[dict], mode: str) -> None:
-        """Metric calls the worker will never store, in its spill format (``mode`` "w" or "a")."""
+        """Metric calls the worker will never store (``mode`` "w" or "a")."""
         self._lost += sum(len(m["metrics"]) for m in messages)
         if self._spill_file is not None:
-            with self._spill_file.open(mode) as spill:
-                spill.writelines(json.dumps({k: m[k] for k in ("step", "timestamp", "metrics")}) + "\n"
-                                 for m in messages)
+            write_spill(self._spill_file, messages, mode)
 
     def _read(self) -> None:
         for line in self._proc.stdout:
@@ -199,8 +254,14 @@ class WorkerTracker(Tracker):
             reply = self._reply(self._wait_s + 60, "the run was open")
             if "error" in reply:
                 raise TrackingError(reply["error"])
-            self._run_id = reply["ready"]
+            self._opened(reply)
         return self._run_id
+
+    def _opened(self, reply: dict) -> None:
+        self._run_id, self._experiment_id = reply["ready"], reply["experiment_id"]
+
+    def how_to_view(self) -> str:
+        return how_to_view(self._uri, self._run_id, self._experiment_id)
 
     def ready(self) -> str:
         """Wait until the run is open and every call so far is applied; raise if any failed."""
@@ -221,7 +282,7 @@ class WorkerTracker(Tracker):
             while True:  # replies to calls nobody waited for come first
                 reply = self._reply(self._wait_s + 60, "the run was ended")
                 if "ready" in reply:
-                    self._run_id = reply["ready"]
+                    self._opened(reply)
                 elif "error" in reply:  # the run never opened; the worker has stopped
                     errors.append(reply["error"])
                     break
