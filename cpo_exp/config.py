@@ -240,6 +240,17 @@ class ObjectiveConfig:
 
 
 @dataclass
+class ReportConfig:
+    """How a sweep's report compares its configurations (see ``cpo_exp.comparison``)."""
+
+    # The configuration the others are compared with, as its swept values ("loss=sigmoid,beta=0.1");
+    # null: the sweep's first configuration.
+    baseline: Optional[str] = None
+    # Of the confidence intervals (Student t over the seeds of a configuration).
+    confidence: float = 0.95
+
+
+@dataclass
 class Config:
     """The whole run. Loss knobs and sequence lengths are top-level, as in TRL's CPOConfig."""
 
@@ -264,6 +275,7 @@ class Config:
     engine: EngineConfig = field(default_factory=EngineConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
     # Where the model and logs of this run go; the CLI sets it to Hydra's run directory.
     output_dir: str = "outputs/run"
     # A run directory to continue from its newest checkpoint, with the config stored there.
@@ -413,6 +425,7 @@ def _validate_eval(cfg: Config) -> None:
     own = tuple(EVAL_PREFIX + name for name in LOSS_METRICS.get(cfg.loss.name, ()))  # e.g. ORPO's log odds
     _one_of("objective.metric", cfg.objective.metric, OBJECTIVE_METRICS + own + generated)
     _one_of("objective.direction", cfg.objective.direction, ("maximize", "minimize"))
+    _require(0 < cfg.report.confidence < 1, "report.confidence", "must be in (0, 1)", cfg.report.confidence)
 
 
 def _validate_hardware_and_engine(cfg: Config) -> None:
