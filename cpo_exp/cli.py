@@ -27,7 +27,8 @@ import cpo_exp
 from cpo_exp import checkpoint, interrupts
 from cpo_exp.checkpoint import CheckpointError
 from cpo_exp.config import Config, ConfigError, flatten, parse_override, unflatten, unknown_key, validate
-from cpo_exp.job import USER_ERRORS, RunClock, check_device, check_sources, record_config, train_job
+from cpo_exp.job import (USER_ERRORS, ProcessesFailed, RunClock, check_device, check_sources, launch_processes,
+                         record_config, train_job, write_objective)
 from cpo_exp.sweep import SweepJob
 from cpo_exp.tracking import redact, tracked_run, tracking_uri
 
@@ -159,10 +160,14 @@ def run(dcfg: DictConfig) -> Optional[float]:
         if job is not None:  # the sweep's report must show the rejected job
             job.record_rejected(cfg.tracking, hydra_cfg.runtime.cwd, name, tags, err)
         raise
-    check_launcher(cfg.hardware.distributed, dict(os.environ))
     check_device(cfg.hardware)
     check_sources(cfg)
     checkpoint.check_writable(cfg.output_dir)
+    if cfg.hardware.num_processes > 1 and world_size == 1:
+        # This job trains on several processes: one accelerate launch of its own, which opens its run.
+        env = job.environment() if job is not None else {}
+        return launch_processes(cfg, hydra_cfg.runtime.choices.get("hardware"), overrides, env)
+    check_launcher(cfg.hardware.distributed, dict(os.environ))
 
     # open the run, record the config, train
     resolved = OmegaConf.to_container(dcfg, resolve=True)
@@ -187,6 +192,8 @@ def run(dcfg: DictConfig) -> Optional[float]:
     objective = result.eval_metrics.get(cfg.objective.metric)
     if objective is None:
         log.warning("no eval split, so no objective %s to return to the sweeper", cfg.objective.metric)
+    if job is not None and job.relaunched and rank == 0:
+        write_objective(cfg.output_dir, objective)  # for the process that launched this one
     return objective
 
 
@@ -194,9 +201,6 @@ def run_tags(hydra_cfg, output_dir: str, job: Optional[SweepJob]) -> dict:
     """Hydra's choices (``choice/<group>``), the run dir, and a sweep job's place in its sweep."""
     tags = {f"choice/{k}": v for k, v in hydra_cfg.runtime.choices.items() if not k.startswith("hydra/")}
     tags["output_dir"] = output_dir
-    if hydra_cfg.mode == RunMode.MULTIRUN:
-        tags["sweep_dir"] = hydra_cfg.sweep.dir
-        tags["job_num"] = hydra_cfg.job.num
     if job is not None:
         tags.update(job.tags)
     return tags
@@ -221,11 +225,11 @@ def main(dcfg: DictConfig) -> Optional[float]:
     except engine_errors() as err:
         log.error("%s", err)
         sys.exit(3)
-    except USER_ERRORS as err:
+    except (*USER_ERRORS, ProcessesFailed) as err:
         if HydraConfig.get().mode == RunMode.MULTIRUN:
             raise  # Hydra records the failed job and the sweep goes on
         log.error("%s", err)
-        sys.exit(2)
+        sys.exit(1 if isinstance(err, ProcessesFailed) else 2)
 
 
 def entry() -> None:

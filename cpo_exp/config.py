@@ -197,6 +197,10 @@ class HardwareConfig:
     # it does not collapse on a busy machine), else torch's default (all cores, or cores // n_jobs
     # inside the workers of the joblib launcher, which sets OMP_NUM_THREADS for them).
     num_threads: Optional[int] = None
+    # Processes of one job. > 1 without a launcher around it (e.g. each job of a sweep): the job
+    # starts its own `accelerate launch --num_processes N` (with the preset's accelerate config
+    # for hardware=ddp|fsdp|deepspeed_*) and waits for it; rank 0 logs the job's one MLflow run.
+    num_processes: int = 1
 
 
 @dataclass
@@ -431,6 +435,7 @@ def _validate_eval(cfg: Config) -> None:
 def _validate_hardware_and_engine(cfg: Config) -> None:
     _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
     _one_of("hardware.distributed", cfg.hardware.distributed, ("no", "ddp", "fsdp", "deepspeed"))
+    _require(cfg.hardware.num_processes > 0, "hardware.num_processes", "must be > 0", cfg.hardware.num_processes)
     if cfg.hardware.num_threads is not None:
         _require(cfg.hardware.num_threads > 0, "hardware.num_threads", "must be > 0 or null",
                  cfg.hardware.num_threads)

@@ -136,6 +136,46 @@ def check_device(hardware: HardwareConfig) -> None:
                       "with a GPU and a CUDA build of torch")
 
 
+OBJECTIVE_FILE = "objective.json"
+
+
+def launch_processes(cfg: Config, hardware_preset: Optional[str], overrides: list[str],
+                     env: dict[str, str]) -> Optional[float]:
+    """Run this job on ``hardware.num_processes`` processes through ``accelerate launch`` in its own run
+    dir, and return the objective its rank 0 wrote. The job's overrides are passed on unchanged;
+    ``env`` tells the processes which sweep job they are (their rank 0 opens its MLflow run)."""
+    import subprocess
+    import sys
+
+    from cpo_exp.launch import PRESETS, config_file
+
+    n = cfg.hardware.num_processes
+    launcher = ["--config_file", str(config_file(hardware_preset))] if hardware_preset in PRESETS else ["--multi_gpu"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(n),
+               "--num_machines", "1", "--main_process_port", "0", "-m", "cpo_exp", *overrides,
+               f"hydra.run.dir={cfg.output_dir}"]
+    log.info("this job runs on %d processes: %s", n, " ".join(command[2:]))
+    objective = Path(cfg.output_dir) / OBJECTIVE_FILE
+    objective.unlink(missing_ok=True)
+    done = subprocess.run(command, env={**os.environ, **env})
+    if done.returncode != 0:
+        raise ProcessesFailed(f"the {n} processes of this job failed (exit status {done.returncode}); their log: "
+                              f"{Path(cfg.output_dir) / 'cpo_exp.log'}")
+    import json
+
+    return json.loads(objective.read_text())["value"] if objective.is_file() else None
+
+
+class ProcessesFailed(RuntimeError):
+    """The ``accelerate launch`` of a multi-process job exited with an error (the processes said why)."""
+
+
+def write_objective(output_dir: str, value: Optional[float]) -> None:
+    import json
+
+    (Path(output_dir) / OBJECTIVE_FILE).write_text(json.dumps({"value": value}))
+
+
 def quiet_progress_bars(cfg: Config) -> None:
     """Library progress bars only clutter log files and CI output."""
     from cpo_exp.engine import show_progress

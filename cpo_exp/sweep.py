@@ -181,6 +181,12 @@ class SweepJob:
     record: Optional[SweepRecord]
     overrides: list[str]
     num: int
+    # The job runs on several processes, started by its own ``accelerate launch`` (see
+    # cpo_exp.job.launch_processes): these processes are Hydra single runs that carry the job.
+    relaunched: bool = False
+
+    # The job a relaunched process belongs to: {"sweep_dir", "overrides", "num"} as JSON.
+    ENV = "CPO_EXP_SWEEP_JOB"
 
     @classmethod
     def current(cls) -> Optional["SweepJob"]:
@@ -189,14 +195,25 @@ class SweepJob:
 
         hydra_cfg = HydraConfig.get()
         if hydra_cfg.mode != RunMode.MULTIRUN:
-            return None
+            carried = os.environ.get(cls.ENV)
+            if not carried:
+                return None
+            job = json.loads(carried)
+            return cls(SweepRecord.read(job["sweep_dir"]), job["overrides"], job["num"], relaunched=True)
         return cls(SweepRecord.read(hydra_cfg.sweep.dir), list(hydra_cfg.overrides.task), hydra_cfg.job.num)
+
+    def environment(self) -> dict[str, str]:
+        """What the processes of a relaunched job need to find their sweep (:data:`ENV`)."""
+        sweep_dir = self.record.sweep_dir if self.record is not None else str(HydraConfig.get().sweep.dir)
+        return {self.ENV: json.dumps({"sweep_dir": sweep_dir, "overrides": self.overrides, "num": self.num})}
 
     @property
     def tags(self) -> dict[str, Any]:
-        tags: dict[str, Any] = {"overrides": json.dumps(self.overrides)}
-        if self.record is not None and self.record.parent_run_id:
-            tags["sweep_id"] = self.record.parent_run_id
+        tags: dict[str, Any] = {"overrides": json.dumps(self.overrides), "job_num": self.num}
+        if self.record is not None:
+            tags["sweep_dir"] = self.record.sweep_dir
+            if self.record.parent_run_id:
+                tags["sweep_id"] = self.record.parent_run_id
         return tags
 
     def swept_keys(self) -> list[str]:
@@ -235,7 +252,7 @@ class SweepJob:
         overrides. A swept value that selects or configures one (``-m experiment=a,b`` where ``a``
         sets ``hydra/launcher``) lands in the job's config and is silently ignored.
         """
-        if self.record is None:
+        if self.record is None or self.relaunched:  # checked by the process that relaunched it
             return
         hydra_cfg = HydraConfig.get()
         for part, running in (("launcher", self.record.launcher), ("sweeper", self.record.sweeper)):

@@ -197,3 +197,26 @@ def test_moe_router_loss_is_added_with_its_coefficient_and_logged(tmp_path, toy_
     with_aux.backward()  # the router is trained through the aux term
     router_grads = [p.grad for n, p in model.named_parameters() if "gate.weight" in n and "shared" not in n]
     assert router_grads and all(g is not None and g.abs().sum() > 0 for g in router_grads)
+
+
+@pytest.mark.slow
+def test_a_sweep_of_two_process_jobs_is_one_command_with_one_child_run_per_job(workdir):
+    """Each job starts its own ``accelerate launch`` of 2 gloo processes; rank 0 logs the job's run."""
+    result = run_cli("-m", "loss=sigmoid,simpo", "hardware=ddp", "hardware.num_processes=2", "hardware.cpu=true",
+                     "hardware.mixed_precision=no", "train.max_steps=4", "train.logging_steps=2",
+                     "train.eval_steps=2", "data.max_eval_samples=8", "train.save_model=false", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("this job runs on 2 processes") == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("cpo_exp").experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep_role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(runs) == 3  # one run per job, not one per process
+    assert sorted(r.data.tags["job_num"] for r in children) == ["0", "1"]
+    assert all(r.info.status == "FINISHED" and "eval_loss" in r.data.metrics for r in children)
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    for child in children:  # both ranks took part: accelerate saved the RNG state of each
+        final = Path(child.data.tags["output_dir"]) / "checkpoints" / "step-4"
+        assert sorted(p.name for p in final.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    report = next(workdir.glob("outputs/multirun/*/*/report.md")).read_text()
+    assert "2 jobs: finished 2" in report
