@@ -74,9 +74,10 @@ def test_defaults_are_trl_cpoconfig_defaults(trl):
 def test_simpo_preset_keeps_the_nll_term_until_cpo_alpha_is_zero(compose):
     cfg = compose(["loss=simpo"])
     assert (cfg.loss.name, cfg.cpo_alpha) == ("simpo", 1.0)  # CPO-SimPO
-    # Every field reaches the loss (TRL's defaults, each a different number).
+    # Every field reaches the loss; the preset's beta and gamma are the SimPO authors' (gamma/beta 0.5),
+    # not TRL's beta=0.1 (gamma/beta 5).
     assert compose(["loss=simpo", "cpo_alpha=0"]).loss_spec() == LossSpec(
-        "simpo", beta=0.1, cpo_alpha=0.0, simpo_gamma=0.5, label_smoothing=0.0, alpha=0.0)
+        "simpo", beta=2.0, cpo_alpha=0.0, simpo_gamma=1.0, label_smoothing=0.0, alpha=0.0)
 
 
 def test_alphapo_drops_nll_but_respects_an_explicit_cpo_alpha(compose):
