@@ -8,6 +8,7 @@ validate the config, open the tracking run, then the job: data, model, train.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -27,8 +28,8 @@ import cpo_exp
 from cpo_exp import checkpoint, interrupts
 from cpo_exp.checkpoint import CheckpointError
 from cpo_exp.config import Config, ConfigError, flatten, parse_override, unflatten, unknown_key, validate
-from cpo_exp.job import (USER_ERRORS, ProcessesFailed, RunClock, check_device, check_sources, launch_processes,
-                         record_config, train_job, write_objective)
+from cpo_exp.job import (USER_ERRORS, ProcessesFailed, RunClock, check_device, check_sources, claimed_devices,
+                         launch_processes, record_config, train_job, visible_gpus, write_objective)
 from cpo_exp.sweep import SweepJob
 from cpo_exp.tracking import redact, tracked_run, tracking_uri
 
@@ -163,13 +164,19 @@ def run(dcfg: DictConfig) -> Optional[float]:
     check_device(cfg.hardware)
     check_sources(cfg)
     checkpoint.check_writable(cfg.output_dir)
-    if cfg.hardware.num_processes > 1 and world_size == 1:
-        # This job trains on several processes: one accelerate launch of its own, which opens its run.
-        env = job.environment() if job is not None else {}
-        return launch_processes(cfg, hydra_cfg.runtime.choices.get("hardware"), overrides, env)
-    check_launcher(cfg.hardware.distributed, dict(os.environ))
+    with job_devices(cfg, job):
+        if cfg.hardware.num_processes > 1 and world_size == 1:
+            # This job trains on several processes: an accelerate launch of its own, which opens its run.
+            env = job.environment() if job is not None else {}
+            return launch_processes(cfg, hydra_cfg.runtime.choices.get("hardware"), overrides, env)
+        check_launcher(cfg.hardware.distributed, dict(os.environ))
+        return tracked_training(dcfg, cfg, job, name, tags, point, clock, rank)
 
-    # open the run, record the config, train
+
+def tracked_training(dcfg: DictConfig, cfg: Config, job: Optional[SweepJob], name: str, tags: dict,
+                     point: Optional[checkpoint.ResumePoint], clock: RunClock, rank: int) -> Optional[float]:
+    """Open the job's tracking run, record the config, train; the objective's final eval value."""
+    hydra_cfg = HydraConfig.get()
     resolved = OmegaConf.to_container(dcfg, resolve=True)
     resolved["output_dir"] = cfg.output_dir
     public = redact(resolved)  # secrets stay out of MLflow and out of the files next to checkpoints
@@ -195,6 +202,13 @@ def run(dcfg: DictConfig) -> Optional[float]:
     if job is not None and job.relaunched and rank == 0:
         write_objective(cfg.output_dir, objective)  # for the process that launched this one
     return objective
+
+
+def job_devices(cfg: Config, job: Optional[SweepJob]):
+    """``hardware.devices_per_job`` GPUs of this machine held for a sweep job (see job.claimed_devices)."""
+    if cfg.hardware.devices_per_job is None or job is None or job.record is None:
+        return contextlib.nullcontext()
+    return claimed_devices(job.record.sweep_dir, cfg.hardware.devices_per_job, visible_gpus())
 
 
 def run_tags(hydra_cfg, output_dir: str, job: Optional[SweepJob]) -> dict:

@@ -201,6 +201,9 @@ class HardwareConfig:
     # starts its own `accelerate launch --num_processes N` (with the preset's accelerate config
     # for hardware=ddp|fsdp|deepspeed_*) and waits for it; rank 0 logs the job's one MLflow run.
     num_processes: int = 1
+    # In a sweep whose jobs run at once (hydra/launcher=joblib), give each job this many GPUs of
+    # its own (CUDA_VISIBLE_DEVICES), e.g. 1 with hydra.launcher.n_jobs=<GPUs>; null: no placement.
+    devices_per_job: Optional[int] = None
 
 
 @dataclass
@@ -436,6 +439,9 @@ def _validate_hardware_and_engine(cfg: Config) -> None:
     _one_of("hardware.mixed_precision", cfg.hardware.mixed_precision, _PRECISIONS)
     _one_of("hardware.distributed", cfg.hardware.distributed, ("no", "ddp", "fsdp", "deepspeed"))
     _require(cfg.hardware.num_processes > 0, "hardware.num_processes", "must be > 0", cfg.hardware.num_processes)
+    if cfg.hardware.devices_per_job is not None:
+        _require(cfg.hardware.devices_per_job > 0, "hardware.devices_per_job", "must be > 0 or null",
+                 cfg.hardware.devices_per_job)
     if cfg.hardware.num_threads is not None:
         _require(cfg.hardware.num_threads > 0, "hardware.num_threads", "must be > 0 or null",
                  cfg.hardware.num_threads)

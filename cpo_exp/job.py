@@ -258,3 +258,61 @@ class RunTimes:
                 f"({100 * self.outside_fraction:.0f}%): start-up {self.startup:.1f}s (imports and config "
                 f"{self.imports:.1f}s; tracking, data, model {self.setup:.1f}s), in the loop {loop:.1f}s "
                 "(batching, logging, checkpoints, saving)")
+
+
+@contextlib.contextmanager
+def claimed_devices(sweep_dir: str, count: int, visible: list[str], poll_s: float = 1.0):
+    """Hold ``count`` of the ``visible`` GPUs for one job of a parallel sweep, and yield their ids.
+
+    The joblib launcher runs several jobs at once on one machine; each job takes the first
+    ``count`` GPUs no other job holds (a lock file per GPU under ``<sweep dir>/.devices/``, held
+    with ``flock`` for the job's lifetime, so a job that dies frees its GPUs) and sees only them
+    through ``CUDA_VISIBLE_DEVICES``. A job waits while every GPU is taken.
+    """
+    import fcntl
+
+    if count > len(visible):
+        raise ConfigError(f"hardware.devices_per_job={count}, but only {len(visible)} GPU(s) are visible "
+                          f"({','.join(visible) or 'none'})")
+    folder = Path(sweep_dir) / ".devices"
+    folder.mkdir(parents=True, exist_ok=True)
+    held: list[tuple[str, Any]] = []
+    try:
+        while len(held) < count:
+            for device in visible:
+                if len(held) == count:
+                    break
+                if any(device == d for d, _ in held):
+                    continue
+                handle = open(folder / f"{device}.lock", "w")
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    handle.close()
+                    continue
+                held.append((device, handle))
+            if len(held) < count:
+                time.sleep(poll_s)
+        devices = [d for d, _ in held]
+        log.info("this job runs on GPU(s) %s of %s", ",".join(devices), ",".join(visible))
+        before = os.environ.get("CUDA_VISIBLE_DEVICES")
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)  # before anything initialises CUDA
+        try:
+            yield devices
+        finally:  # a joblib worker runs later jobs too
+            if before is None:
+                os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+            else:
+                os.environ["CUDA_VISIBLE_DEVICES"] = before
+    finally:
+        for _, handle in held:
+            handle.close()  # closing the file releases its lock
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use: ``CUDA_VISIBLE_DEVICES``, else every one torch counts."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return [d.strip() for d in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]

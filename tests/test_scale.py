@@ -220,3 +220,45 @@ def test_a_sweep_of_two_process_jobs_is_one_command_with_one_child_run_per_job(w
         assert sorted(p.name for p in final.glob("random_states_*")) == ["random_states_0.pkl", "random_states_1.pkl"]
     report = next(workdir.glob("outputs/multirun/*/*/report.md")).read_text()
     assert "2 jobs: finished 2" in report
+
+
+def _hold_gpus(sweep_dir: str, count: int, visible: list[str], queue, release) -> None:
+    from cpo_exp.job import claimed_devices
+
+    with claimed_devices(sweep_dir, count, visible, poll_s=0.05) as devices:
+        queue.put((devices, os.environ["CUDA_VISIBLE_DEVICES"]))
+        release.wait(30)
+
+
+def test_parallel_sweep_jobs_each_get_gpus_of_their_own_and_wait_when_all_are_taken(tmp_path):
+    """The placement of hardware.devices_per_job, without a GPU: real processes, real file locks."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue, release = ctx.Queue(), ctx.Event()
+    visible = ["0", "1", "2", "3"]
+    jobs = [ctx.Process(target=_hold_gpus, args=(str(tmp_path), 2, visible, queue, release)) for _ in range(2)]
+    for job in jobs:
+        job.start()
+    first, second = queue.get(timeout=60), queue.get(timeout=60)
+    assert sorted(first[0] + second[0]) == visible  # disjoint pairs, all four GPUs in use
+    assert {first[1], second[1]} == {",".join(first[0]), ",".join(second[0])}  # CUDA_VISIBLE_DEVICES set
+    third = ctx.Process(target=_hold_gpus, args=(str(tmp_path), 1, visible, queue, release))
+    third.start()
+    import queue as queues
+
+    with pytest.raises(queues.Empty):  # every GPU is held: the third job waits
+        queue.get(timeout=1.5)
+    release.set()
+    assert len(queue.get(timeout=60)[0]) == 1  # and runs once a job has ended
+    for job in (*jobs, third):
+        job.join(30)
+        assert job.exitcode == 0
+
+
+def test_asking_for_more_gpus_than_are_visible_is_named():
+    from cpo_exp.job import claimed_devices
+
+    with pytest.raises(ConfigError, match=r"hardware.devices_per_job=2, but only 1 GPU\(s\) are visible \(0\)"):
+        with claimed_devices("/tmp", 2, ["0"]):
+            pass
