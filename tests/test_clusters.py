@@ -145,6 +145,8 @@ def slurm_cluster(tmp_path_factory):
     missing = slurm.missing()
     if missing:
         pytest.skip(f"no local SLURM: {', '.join(missing)} not installed (apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM runs its daemons as root (SlurmUser=root); run the tests as root")
     if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher") is None:
         pytest.skip("hydra-submitit-launcher is not installed (pip install 'cpo_exp[slurm]')")
     with slurm.local_slurm(tmp_path_factory.mktemp("slurm")) as cluster:
