@@ -37,7 +37,10 @@ LONG_JOB = ["train.max_steps=200", "train.logging_steps=5", "train.save_steps=10
             "data.max_eval_samples=16", "train.save_model=false"]
 SWEEP_TIMEOUT = 420
 
-pytestmark = [pytest.mark.slow, pytest.mark.cluster]
+
+def cluster_test(test):
+    """A sweep on a real local cluster: slow, and selectable with ``-m cluster``."""
+    return pytest.mark.slow(pytest.mark.cluster(test))
 
 
 def _sweep(*args: str, cwd: Path, env: dict, timeout: int = SWEEP_TIMEOUT) -> subprocess.Popen:
@@ -153,6 +156,7 @@ def slurm_cluster(tmp_path_factory):
         yield cluster
 
 
+@cluster_test
 def test_slurm_sweep_is_one_job_per_sweep_job_with_a_parent_run_and_a_report(slurm_cluster, workdir):
     rc, stderr = _run_sweep(*GRID, *SLURM_JOB, *QUICK_SWEEP, cwd=workdir, env=slurm_cluster.env)
     assert rc == 0, stderr[-3000:] + slurm_cluster.logs()
@@ -162,6 +166,7 @@ def test_slurm_sweep_is_one_job_per_sweep_job_with_a_parent_run_and_a_report(slu
     assert [name.split("_")[1] for name in logs] == ["0", "1", "2", "3"], logs
 
 
+@cluster_test
 def test_slurm_sweep_with_a_failing_job_has_a_failed_child(slurm_cluster, workdir, bad_row_data):
     rc, stderr = _run_sweep("data.on_bad_rows=error,skip", f"data.train_files=[{bad_row_data}]", *SLURM_JOB,
                             *QUICK_SWEEP, cwd=workdir, env=slurm_cluster.env)
@@ -174,6 +179,7 @@ def _running_slurm_job(cluster) -> str:
     return job_id
 
 
+@cluster_test
 def test_a_requeued_slurm_job_resumes_from_its_checkpoint_into_the_same_child_run(slurm_cluster, workdir):
     proc = _sweep("loss=simpo", *SLURM_JOB, *LONG_JOB, cwd=workdir, env=slurm_cluster.env)
     _wait_for_log(workdir, 0, "checkpoint saved", proc)
@@ -204,6 +210,7 @@ def _ray_args(cluster) -> list[str]:
     return ["hydra/launcher=ray_cluster", f"hydra.launcher.ray.init.address={cluster.address}"]
 
 
+@cluster_test
 def test_ray_sweep_on_a_cluster_by_address_has_a_parent_run_and_a_report(ray_cluster, workdir):
     rc, stderr = _run_sweep(*GRID, *_ray_args(ray_cluster), *QUICK_SWEEP, cwd=workdir, env=ray_head.LOOPBACK_ENV)
     assert rc == 0, stderr[-3000:]
@@ -211,6 +218,7 @@ def test_ray_sweep_on_a_cluster_by_address_has_a_parent_run_and_a_report(ray_clu
     _assert_grid(workdir, "RayLauncher")
 
 
+@cluster_test
 def test_ray_sweep_with_a_failing_job_has_a_failed_child(ray_cluster, workdir, bad_row_data):
     rc, stderr = _run_sweep("data.on_bad_rows=error,skip", f"data.train_files=[{bad_row_data}]",
                             *_ray_args(ray_cluster), *QUICK_SWEEP, cwd=workdir, env=ray_head.LOOPBACK_ENV)
@@ -231,6 +239,7 @@ def _processes_writing(path: Path) -> list[int]:
     return pids
 
 
+@cluster_test
 def test_a_killed_ray_worker_is_retried_and_its_job_resumes_into_the_same_child_run(ray_cluster, workdir):
     proc = _sweep("loss=simpo", *_ray_args(ray_cluster), *LONG_JOB, cwd=workdir, env=ray_head.LOOPBACK_ENV)
     log = _wait_for_log(workdir, 0, "checkpoint saved", proc)
@@ -242,3 +251,20 @@ def test_a_killed_ray_worker_is_retried_and_its_job_resumes_into_the_same_child_
     assert "done in" in log.read_text()
     # Without the hook the retried task starts over in a second child run; the killed one stays RUNNING.
     _assert_resumed_child(workdir, 0, MISSING_HOOK, exact=False)
+
+
+# ------------------------------------------------------------------ presets
+
+
+def test_the_cluster_presets_compose_with_their_documented_keys():
+    from test_sweeps import _compose
+
+    slurm_launcher = _compose(["hydra/launcher=slurm"], hydra=True).hydra.launcher
+    assert slurm_launcher._target_.endswith("SlurmLauncher")
+    assert (slurm_launcher.partition, slurm_launcher.timeout_min, slurm_launcher.gpus_per_node,
+            slurm_launcher.cpus_per_task, slurm_launcher.mem_gb, slurm_launcher.array_parallelism) == (
+        None, 1440, 1, 8, None, 256)
+    ray_launcher = _compose(["hydra/launcher=ray_cluster"], hydra=True).hydra.launcher
+    assert ray_launcher._target_.endswith("RayLauncher")
+    assert ray_launcher.ray.init.address is None and ray_launcher.ray.init.object_store_memory is None
+    assert dict(ray_launcher.ray.remote) == {"num_cpus": 1, "num_gpus": 0, "max_retries": 1}

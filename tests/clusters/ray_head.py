@@ -64,11 +64,11 @@ def local_ray(launch_dir: Path, num_cpus: int = 2, timeout: float = 90) -> Itera
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(30)
+            try:  # `ray start --block` lingers on SIGTERM; nothing of this throwaway cluster needs saving
+                proc.wait(5)
             except subprocess.TimeoutExpired:
                 pass
-        try:  # whatever of the group is left (a worker that ignored SIGTERM)
+        try:  # whatever of the group is left
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
