@@ -212,7 +212,7 @@ def _ray_args(cluster) -> list[str]:
 
 @cluster_test
 def test_ray_sweep_on_a_cluster_by_address_has_a_parent_run_and_a_report(ray_cluster, workdir):
-    rc, stderr = _run_sweep(*GRID, *_ray_args(ray_cluster), *QUICK_SWEEP, cwd=workdir, env=ray_head.LOOPBACK_ENV)
+    rc, stderr = _run_sweep(*GRID, *_ray_args(ray_cluster), *QUICK_SWEEP, cwd=workdir, env=ray_head.RAY_ENV)
     assert rc == 0, stderr[-3000:]
     assert f"Connecting to existing Ray cluster at address: {ray_cluster.address}" in stderr
     _assert_grid(workdir, "RayLauncher")
@@ -221,7 +221,7 @@ def test_ray_sweep_on_a_cluster_by_address_has_a_parent_run_and_a_report(ray_clu
 @cluster_test
 def test_ray_sweep_with_a_failing_job_has_a_failed_child(ray_cluster, workdir, bad_row_data):
     rc, stderr = _run_sweep("data.on_bad_rows=error,skip", f"data.train_files=[{bad_row_data}]",
-                            *_ray_args(ray_cluster), *QUICK_SWEEP, cwd=workdir, env=ray_head.LOOPBACK_ENV)
+                            *_ray_args(ray_cluster), *QUICK_SWEEP, cwd=workdir, env=ray_head.RAY_ENV)
     _assert_one_failed_job(workdir, rc, stderr)
 
 
@@ -241,7 +241,7 @@ def _processes_writing(path: Path) -> list[int]:
 
 @cluster_test
 def test_a_killed_ray_worker_is_retried_and_its_job_resumes_into_the_same_child_run(ray_cluster, workdir):
-    proc = _sweep("loss=simpo", *_ray_args(ray_cluster), *LONG_JOB, cwd=workdir, env=ray_head.LOOPBACK_ENV)
+    proc = _sweep("loss=simpo", *_ray_args(ray_cluster), *LONG_JOB, cwd=workdir, env=ray_head.RAY_ENV)
     log = _wait_for_log(workdir, 0, "checkpoint saved", proc)
     (worker,) = _processes_writing(log)
     os.kill(worker, signal.SIGKILL)  # no handler runs: the run is left RUNNING, as after an OOM kill

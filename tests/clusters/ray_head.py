@@ -19,9 +19,11 @@ from typing import Iterator
 
 from clusters.slurm import free_port
 
-# Ray swaps 127.0.0.1 for the machine's outward address (and binds every interface) unless told
-# that this is a single-machine cluster; the driver needs the same setting to find its raylet.
-LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# For the head and the sweep (the driver) alike. Ray swaps 127.0.0.1 for the machine's outward
+# address (and binds every interface) unless told that this is a single-machine cluster. Token
+# authentication switches itself on when ~/.ray/auth_token exists (a local ray.init() writes one):
+# off, explicitly, so that a file in the user's home cannot decide whether the driver may connect.
+RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 class RayHead:
@@ -46,7 +48,7 @@ def local_ray(launch_dir: Path, num_cpus: int = 2, timeout: float = 90) -> Itera
     # Short: Ray's socket paths must stay under the 107 characters of a Unix socket name.
     root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     port = free_port()
-    env = {**os.environ, **LOOPBACK_ENV}
+    env = {**os.environ, **RAY_ENV}
     log = open(root / "ray_start.log", "w")
     proc = subprocess.Popen(
         [_ray(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
