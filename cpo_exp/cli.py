@@ -144,6 +144,13 @@ def run(dcfg: DictConfig) -> Optional[float]:
     if rank > 0:  # one copy of every progress line is enough; warnings and errors still show
         logging.getLogger("cpo_exp").setLevel(logging.WARNING)
     point = checkpoint.open_resume_point(dcfg.resume) if dcfg.resume else None
+    if point is None and hydra_cfg.mode == RunMode.MULTIRUN and checkpoint.checkpoints(hydra_cfg.runtime.output_dir):
+        # A sweep job's dir is its own (sweep dirs are timestamped to the microsecond): a checkpoint in
+        # it comes from an earlier attempt of this very job that its launcher started again (a requeued
+        # or preempted SLURM job, a Ray task retried after its worker died). Continue that attempt's run.
+        point = checkpoint.open_resume_point(hydra_cfg.runtime.output_dir)
+        log.info("job dir %s holds %s from an earlier attempt of this job: resuming it",
+                 hydra_cfg.runtime.output_dir, point.path.name)
     if point is not None:
         dcfg = resumed_config(dcfg, point, overrides)
     cfg = typed_config(dcfg)
@@ -237,6 +244,8 @@ def main(dcfg: DictConfig) -> Optional[float]:
             log.error("%s (stopped before training began: nothing to resume)", err)
         sys.exit(128 + err.signum)
     except engine_errors() as err:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # a FAILED job of the sweep, not the end of the sweep
         log.error("%s", err)
         sys.exit(3)
     except (*USER_ERRORS, ProcessesFailed) as err:

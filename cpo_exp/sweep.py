@@ -153,7 +153,8 @@ def summarise_parent(store: Store, record: SweepRecord) -> None:
     run_id = record.parent_run_id
     runs = store.child_runs(run_id)
     statuses = [r.status for r in runs]
-    store.set_tags(run_id, {"jobs": len(runs), "failed_jobs": statuses.count("FAILED")})
+    store.set_tags(run_id, {"jobs": len(runs), "failed_jobs": statuses.count("FAILED"),
+                            "resumed_jobs": sum("resumed_from" in r.tags for r in runs)})
     metric = record.objective.get("metric")
     best = best_run(runs, metric, record.objective.get("direction", "maximize")) if metric else None
     if best is not None:
