@@ -165,8 +165,13 @@ def comparison_markdown(comparison: Comparison, keys: list[str]) -> str:
         f"Intervals: {pct} Student-t interval of the mean over seeds, n-1 degrees of freedom (none for n < 2).",
         "", f"### {objective} ({c.direction})", "",
     ]
-    if c.baseline is not None:
-        lines += [f"Paired differences against the baseline `{c.baseline.label}`: each seed's value minus the "
+    single = all(s.n_jobs <= 1 for s in c.summaries)
+    if single:  # nothing to pair, no interval to draw: the table would be empty columns
+        lines += [f"One job per configuration: no intervals and no paired differences (sweep `{SEED_KEY}`, "
+                  f"e.g. `{SEED_KEY}=1,2,3`, for them).", ""]
+        header = [*columns, "n", "value"]
+    elif c.baseline is not None:
+        lines += [f"Paired differences against the baseline `{_label(c.baseline.config)}`: each seed's value minus the "
                   "baseline's with the same seed, over the seeds both finished; its mean and "
                   f"{pct} t interval. Verdict: \"better\" or \"worse\" when the interval excludes 0, "
                   "\"no clear difference\" when it covers 0 (each row on its own, no correction for "
@@ -179,6 +184,9 @@ def comparison_markdown(comparison: Comparison, keys: list[str]) -> str:
     table = []
     for s in c.summaries:
         iv = s.intervals.get(objective)
+        if single:
+            table.append([*config_cells(s), _n(s, objective), _fmt(iv and iv.mean)])
+            continue
         row = [*config_cells(s), _n(s, objective), _fmt(iv and iv.mean), _fmt(iv and iv.std), _ci(iv)]
         if c.baseline is not None:
             if s is c.baseline:
@@ -192,14 +200,14 @@ def comparison_markdown(comparison: Comparison, keys: list[str]) -> str:
     lines += _md_table(header, table)
     if c.best is not None:
         iv = c.best.intervals[objective]
-        lines += ["", f"Best configuration by the mean of {objective} ({c.direction}): **{c.best.label}**, "
+        lines += ["", f"Best configuration by the mean of {objective} ({c.direction}): **{_label(c.best.config)}**, "
                       f"{iv.mean:.4g}" + (f", {pct} CI {_ci(iv)}" if iv.low is not None else "") +
                       f", n={_n(c.best, objective)}."]
     others = [m for m in c.metrics if m != objective]
     if others:
+        legend = "its final value" if single else f"mean ± sd [{pct} CI] over the configuration's seeds"
         lines += ["", "### Final eval metrics", "",
-                  f"Each cell: mean ± sd [{pct} CI] over the configuration's seeds; `(n=k)` where a metric has "
-                  "fewer values than the objective.", ""]
+                  f"Each cell: {legend}; `(n=k)` where a metric has fewer values than the objective.", ""]
         table = []
         for s in c.summaries:
             n_objective = s.intervals.get(objective).n if s.intervals.get(objective) else 0
@@ -368,7 +376,9 @@ def _draw_objective(ax, summaries: list[ConfigSummary], x_key: Optional[str], gr
         xs = [position[values[i]] + offset for i in members]
         ivs = [summaries[i].intervals[metric] for i in members]
         label = (group[0][1] if len(group) == 1 else _label(group)) if group else None
-        ax.plot(xs, [iv.mean for iv in ivs], "-" if numeric and len(xs) > 1 else "none", marker="o", markersize=6,
+        # A line joins a group's points along a numeric grid (an interaction plot), not a random search's.
+        joined = numeric and categorical and len(xs) > 1
+        ax.plot(xs, [iv.mean for iv in ivs], "-" if joined else "none", marker="o", markersize=6,
                 color=color, linewidth=1, alpha=0.9, label=label)
         bars = [(x, iv) for x, iv in zip(xs, ivs) if iv.low is not None]
         if bars:
