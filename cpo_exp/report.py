@@ -307,32 +307,54 @@ def _curve(store: Store, summary: ConfigSummary, metric: str,
     return steps, [t_interval(by_step[s], confidence) for s in steps], not finished
 
 
-def plot_curves(store: Store, comparison: Comparison, out: Path) -> Path:
+LINESTYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D")
+
+
+def _styles(summaries: list[ConfigSummary], keys: list[str]) -> list[dict]:
+    """Colour by the factors other than the objective plot's x, line and marker by x (as far as
+    four values go): a configuration looks the same in both plots. Else a colour per configuration."""
+    x_key = _x_key(keys, summaries)
+    group_keys = [k for k in keys if k != x_key]
+    groups = list(dict.fromkeys(tuple(dict(s.config).get(k, "") for k in group_keys) for s in summaries))
+    xs = list(dict.fromkeys(dict(s.config).get(x_key, "") for s in summaries)) if x_key else [""]
+    if not group_keys or len(groups) > 10 or len(xs) > len(LINESTYLES):
+        return [{"color": c, "linestyle": "-", "marker": "."} for c in _colors(len(summaries))]
+    if all(_number(v) is not None for v in xs):
+        xs.sort(key=float)
+    colors = _colors(len(groups))
+    return [{"color": colors[groups.index(tuple(dict(s.config).get(k, "") for k in group_keys))],
+             "linestyle": LINESTYLES[xs.index(dict(s.config).get(x_key, "") if x_key else "")],
+             "marker": MARKERS[xs.index(dict(s.config).get(x_key, "") if x_key else "")]} for s in summaries]
+
+
+def plot_curves(store: Store, comparison: Comparison, keys: list[str], out: Path) -> Path:
     plt = _pyplot()
     summaries = comparison.summaries
-    colors = _colors(len(summaries))
     fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.4), dpi=90)
+    legend: dict[str, object] = {}
     for ax, metric in zip(axes, CURVES):
-        for summary, color in zip(summaries, colors):
+        for summary, style in zip(summaries, _styles(summaries, keys)):
             steps, intervals, unfinished = _curve(store, summary, metric, comparison.confidence)
             if not steps:
                 continue
-            ax.plot(steps, [i.mean for i in intervals], "--" if unfinished else "-", color=color, marker=".",
-                    markersize=4, linewidth=1.4, label=_label(summary.config))
+            label = _label(summary.config) + (" (none finished)" if unfinished else "")
+            (line,) = ax.plot(steps, [i.mean for i in intervals], markersize=4, linewidth=1.4,
+                              alpha=0.5 if unfinished else 1.0, label=label, **style)
+            legend.setdefault(label, line)
             low = [math.nan if i.low is None else i.low for i in intervals]
             high = [math.nan if i.high is None else i.high for i in intervals]
-            ax.fill_between(steps, low, high, color=color, alpha=0.15, linewidth=0)
+            ax.fill_between(steps, low, high, color=style["color"], alpha=0.13, linewidth=0)
         ax.set_title(metric, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     fig.suptitle(f"eval metrics: mean over seeds, shaded {_pct(comparison.confidence)} t interval (n ≥ 2)",
                  fontsize=10)
-    handles, labels = axes[0].get_legend_handles_labels()
     rows = 0
-    if handles and len(labels) <= MAX_LEGEND:
-        ncol = min(4, len(labels))
-        rows = math.ceil(len(labels) / ncol)
-        fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
+    if legend and len(legend) <= MAX_LEGEND:
+        ncol = min(4, len(legend))
+        rows = math.ceil(len(legend) / ncol)
+        fig.legend(list(legend.values()), list(legend), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.02 + 0.065 * rows, 1, 1))
     path = out / "eval_curves.png"
     fig.savefig(path)
@@ -460,7 +482,7 @@ def write_report(store: Store, parent_run_id: str, out: Path, log_to_parent: boo
     comparison = compare(comparison_jobs(rows, keys), objective, direction, FINAL_METRICS, baseline, confidence)
     comparison_md, comparison_csv = write_comparison(comparison, config_keys, out)
     md.write_text(md.read_text() + summary + "\n\n" + comparison_md.read_text())
-    paths = [md, csv_path, comparison_md, comparison_csv, plot_curves(store, comparison, out),
+    paths = [md, csv_path, comparison_md, comparison_csv, plot_curves(store, comparison, config_keys, out),
              plot_objective(comparison, config_keys, out)]
     if log_to_parent:
         for path in paths:
