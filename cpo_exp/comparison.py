@@ -62,6 +62,7 @@ class Job:
     overrides: dict[str, str]  # the swept values that define it (its seed among them, if swept)
     metrics: dict[str, float]
     finished: bool = True
+    run_id: Optional[str] = None  # where its curves are (the report reads them); not compared
 
     @property
     def seed(self) -> Optional[str]:
@@ -84,6 +85,11 @@ class ConfigSummary:
     @property
     def label(self) -> str:
         return ",".join(f"{k}={v}" for k, v in self.config) or "default"
+
+    @property
+    def n_jobs(self) -> int:
+        """All its jobs, finished or not: the denominator of the report's ``n`` ("2/3")."""
+        return len(self.jobs)
 
     def values(self, metric: str) -> dict[Optional[str], float]:
         """The metric of each finished job, by seed."""
@@ -109,11 +115,26 @@ def find_baseline(summaries: Sequence[ConfigSummary], spec: Optional[str]) -> Op
     if not spec:
         return summaries[0]
     wanted = dict(p for p in map(parse_override, spec.split(",")) if p)
-    found = [s for s in summaries if all(dict(s.config).get(k) == v for k, v in wanted.items())]
+    if not wanted:
+        raise ValueError(f"report.baseline={spec!r} is not a configuration: write its swept values as "
+                         "key=value pairs separated by commas, e.g. loss=sigmoid,beta=0.1")
+    found = [s for s in summaries if all(_same_value(dict(s.config).get(k), v) for k, v in wanted.items())]
     if len(found) != 1:
         raise ValueError(f"report.baseline={spec!r} matches {len(found)} configurations; one of: "
                          + "; ".join(s.label for s in summaries))
     return found[0]
+
+
+def _same_value(have: Optional[str], want: str) -> bool:
+    """``beta=2`` names the jobs of ``beta=2.0``, ``save=false`` those of Hydra's ``save=False``."""
+    if have is None:
+        return False
+    if have == want or have.lower() == want.lower():
+        return True
+    try:
+        return float(have) == float(want)
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -137,3 +158,43 @@ def paired_difference(candidate: ConfigSummary, baseline: ConfigSummary, metric:
         return Difference(interval, "no clear difference")
     up = interval.low > 0
     return Difference(interval, "better" if up == (direction == "maximize") else "worse")
+
+
+def best_config(summaries: Sequence[ConfigSummary], metric: str, direction: str) -> Optional[ConfigSummary]:
+    """The configuration with the best mean of ``metric`` (the first of equals), or None when none has one."""
+    scored = [s for s in summaries if s.intervals.get(metric) is not None]
+    if not scored:
+        return None
+    sign = 1.0 if direction == "maximize" else -1.0
+    return max(scored, key=lambda s: sign * s.intervals[metric].mean)
+
+
+@dataclass
+class Comparison:
+    """A sweep's configurations, their baseline, the paired differences on the objective, the best."""
+
+    objective: str
+    direction: str
+    confidence: float
+    metrics: list[str]  # the objective first
+    summaries: list[ConfigSummary]
+    baseline: Optional[ConfigSummary]
+    baseline_error: str  # why there is no baseline (a spec that matches none), else ""
+    differences: dict[tuple, Difference]  # by configuration; none for the baseline itself
+    best: Optional[ConfigSummary]
+
+
+def compare(jobs: Sequence[Job], objective: str, direction: str, metrics: Sequence[str] = (),
+            baseline: Optional[str] = None, confidence: float = CONFIDENCE) -> Comparison:
+    """Everything the report says about ``jobs`` over seeds. A ``baseline`` that names no single
+    configuration is no error here: the comparison has no differences and says why."""
+    metrics = list(dict.fromkeys([objective, *metrics]))
+    summaries = summarize(jobs, metrics, confidence)
+    try:
+        base, error = find_baseline(summaries, baseline), ""
+    except ValueError as err:
+        base, error = None, str(err)
+    differences = {} if base is None else {
+        s.config: paired_difference(s, base, objective, direction, confidence) for s in summaries if s is not base}
+    return Comparison(objective, direction, confidence, metrics, summaries, base, error, differences,
+                      best_config(summaries, objective, direction))

@@ -83,6 +83,7 @@ class SweepCallback(Callback):
             launcher=_container(hydra.launcher),
             sweeper=_container(hydra.sweeper),
             objective=_container(config.get("objective") or {}),
+            report=_container(config.get("report") or {}),
         )
         tracking = _tracking_config(config)
         if tracking.backend == "mlflow":
@@ -106,6 +107,8 @@ class SweepCallback(Callback):
             "sweep.sweeper": record.sweeper.get("_target_", ""),
             **{f"sweep.params.{k}": v for k, v in (record.sweeper.get("params") or {}).items()},
             **{f"objective.{k}": v for k, v in record.objective.items()},
+            # The report reads them here when it is given the parent's id instead of the sweep dir.
+            **{f"report.{k}": v for k, v in record.report.items() if v is not None},
         }
         for key in ("n_trials", "direction", "storage", "study_name"):
             if key in record.sweeper:
@@ -115,7 +118,7 @@ class SweepCallback(Callback):
         store.log_params(run_id, params)
         store.log_text(run_id, OmegaConf.to_yaml(OmegaConf.create(
             {"overrides": record.overrides, "launcher": record.launcher, "sweeper": record.sweeper,
-             "objective": record.objective})), "sweep.yaml")
+             "objective": record.objective, "report": record.report})), "sweep.yaml")
         record.tracking_uri, record.experiment_name, record.parent_run_id = uri, tracking.experiment_name, run_id
         self._store = store
         atexit.register(self._end_at_exit)
@@ -142,7 +145,8 @@ class SweepCallback(Callback):
         log.info("MLflow parent run %s ended %s", run_id, status)
         if self.report:  # after the end, so that the report states the sweep's final status
             try:
-                paths = write_report(store, run_id, Path(record.sweep_dir))
+                paths = write_report(store, run_id, Path(record.sweep_dir), baseline=record.report.get("baseline"),
+                                     confidence=record.report.get("confidence"))
                 log.info("sweep report: %s", paths[0])
             except Exception as err:  # noqa: BLE001 - a plotting problem must not fail the sweep
                 log.warning("sweep report failed: %s: %s", type(err).__name__, err)

@@ -195,6 +195,8 @@ class SweepRecord:
     launcher: dict[str, Any]
     sweeper: dict[str, Any]
     objective: dict[str, Any] = field(default_factory=dict)
+    # ``report.baseline`` and ``report.confidence`` of the composed config: how the report compares.
+    report: dict[str, Any] = field(default_factory=dict)
     tracking_uri: Optional[str] = None
     experiment_name: Optional[str] = None
     parent_run_id: Optional[str] = None
