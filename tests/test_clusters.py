@@ -135,8 +135,8 @@ def _assert_resumed_child(workdir: Path, job: int, missing_hook: str, exact: boo
     assert parent.data.tags["failed_jobs"] == "0" and parent.data.tags["resumed_jobs"] == "1"
 
 
-MISSING_HOOK = ("cpo_exp/cli.py does not yet resume a sweep job from a checkpoint in its own job dir, "
-                "nor cpo_exp/sweep.py count resumed jobs on the parent")
+MISSING_HOOK = ("the job's second attempt did not continue the first attempt's run from the checkpoint in its "
+                "job dir (cpo_exp/cli.py run: a multirun job whose dir holds a checkpoint resumes it)")
 
 
 # ------------------------------------------------------------------ SLURM
@@ -255,15 +255,13 @@ def test_a_killed_ray_worker_is_retried_and_its_job_resumes_into_the_same_child_
 # ------------------------------------------------------------------ presets
 
 
-def test_the_cluster_presets_compose_with_their_documented_keys():
-    from test_sweeps import _compose
-
-    slurm_launcher = _compose(["hydra/launcher=slurm"], hydra=True).hydra.launcher
+def test_the_cluster_presets_compose_with_their_documented_keys(compose):
+    slurm_launcher = compose(["hydra/launcher=slurm"], hydra=True).hydra.launcher
     assert slurm_launcher._target_.endswith("SlurmLauncher")
     assert (slurm_launcher.partition, slurm_launcher.timeout_min, slurm_launcher.gpus_per_node,
             slurm_launcher.cpus_per_task, slurm_launcher.mem_gb, slurm_launcher.array_parallelism) == (
         None, 1440, 1, 8, None, 256)
-    ray_launcher = _compose(["hydra/launcher=ray_cluster"], hydra=True).hydra.launcher
+    ray_launcher = compose(["hydra/launcher=ray_cluster"], hydra=True).hydra.launcher
     assert ray_launcher._target_.endswith("RayLauncher")
     assert ray_launcher.ray.init.address is None and ray_launcher.ray.init.object_store_memory is None
     assert dict(ray_launcher.ray.remote) == {"num_cpus": 1, "num_gpus": 0, "max_retries": 1}
