@@ -71,7 +71,9 @@ def train_job(cfg: Config, tracker: Tracker, public: dict[str, Any], point: Opti
     log.info("torch threads: %d (%s)", threads, why)
     tracker.log_params({"model.num_parameters": parameters,
                         "model.trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                        "hardware.torch_threads": threads})
+                        "hardware.torch_threads": threads,
+                        # simpo_gamma_ratio, when set, makes the margin differ from the simpo_gamma param
+                        "loss.simpo_gamma_effective": cfg.loss_spec().simpo_gamma})
     checkpointer = checkpoint.Checkpointer(cfg.output_dir, cfg.train.save_steps, cfg.train.save_total_limit,
                                            flatten(public), tracker.run_id, point)
     clock.training = time.perf_counter()

@@ -305,7 +305,9 @@ def test_tracking_server_outage_mid_run_loses_no_metrics(workdir):
     else:
         try:
             assert proc.returncode == 0, stderr[-3000:]
-            assert "metrics are kept (also in" in stderr
+            # Whichever call met the outage first (a metric batch, or the params and tables that wait
+            # for the server) said so, and said when it was back.
+            assert "MLflow tracking server unreachable" in stderr
             assert "MLflow tracking server is back after" in stderr
             client = MlflowClient(tracking_uri=server.uri)
             run = client.search_runs([client.get_experiment_by_name("cpo_exp").experiment_id])[0]

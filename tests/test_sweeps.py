@@ -239,8 +239,12 @@ def test_optuna_search_returns_the_objective_and_records_the_best_trial(workdir)
     assert parent.info.status == "FINISHED" and len(children) == 3
     values = [r.data.metrics["eval_rewards/accuracies"] for r in children]
     assert parent.data.metrics["optuna/best_value"] == max(values)
-    assert {"optuna.best_params.beta", "optuna.best_params.simpo_gamma",
+    assert {"optuna.best_params.beta", "optuna.best_params.simpo_gamma_ratio",
             "optuna.best_params.train.learning_rate"} <= set(parent.data.params)
+    # The SimPO authors' space: beta in [2, 10], gamma/beta in [0.3, 0.8]
+    for child in children:
+        beta, ratio = float(child.data.params["beta"]), float(child.data.params["simpo_gamma_ratio"])
+        assert 2.0 <= beta <= 10.0 and 0.3 <= ratio <= 0.8
     assert {r.data.tags["choice/loss"] for r in children} == {"simpo"}
     assert (_sweep_dir(workdir) / "optimization_results.yaml").is_file()
 

@@ -61,7 +61,8 @@ class Replies:
 
 
 class Run:
-    """One open MLflow run; metrics are buffered and retried while the store does not answer."""
+    """One open MLflow run; metrics are buffered and retried while the store does not answer, and
+    any other call waits for a tracking server that is away (:meth:`apply`)."""
 
     retry_s = 10.0
 
@@ -69,6 +70,7 @@ class Run:
                  run_id: Optional[str], parent_run_id: Optional[str], spill_file: Optional[str],
                  reconnect_timeout_s: float, entry_point: Optional[str]):
         check_reachable(uri)
+        self._uri, self._remote = uri, is_remote(uri)
         if is_remote(uri):
             # MLflow's default (7 retries, exponential backoff) would hold every call for minutes
             # while a server is away; this class retries on its own schedule instead.
@@ -176,6 +178,35 @@ class Run:
 
     # ------------------------------------------------------------------ everything else
 
+    def apply(self, op: str, call, **kwargs) -> None:
+        """``call(**kwargs)``; while a tracking server does not answer, retried every 2 s for up to
+        ``reconnect_timeout_s`` (a server's own errors, or a local store's, are raised at once)."""
+        started = time.monotonic()
+        deadline = started + self._wait_s
+        warned = False
+        while True:
+            try:
+                call(**kwargs)
+                if warned:
+                    self._replies.log("warning", f"MLflow tracking server is back after "
+                                                 f"{time.monotonic() - started:.0f}s: {op} logged")
+                return
+            except Exception:  # noqa: BLE001 - an outage is told apart from an error below
+                if not self._remote or time.monotonic() >= deadline or self._answers():
+                    raise
+            if not warned:
+                self._replies.log("warning", f"MLflow tracking server unreachable: {op} waits for it "
+                                             f"(up to {self._wait_s:.0f}s); training goes on")
+                warned = True
+            time.sleep(2.0)
+
+    def _answers(self) -> bool:
+        try:
+            check_reachable(self._uri, timeout_s=2.0)
+        except TrackingError:
+            return False
+        return True
+
     def log_params(self, params: dict[str, Any]) -> None:
         items = [(k, str(v)[:MAX_PARAM_CHARS]) for k, v in params.items()]
         for start in range(0, len(items), MAX_PARAMS_PER_CALL):
@@ -250,8 +281,8 @@ def serve(replies: Replies, inbox: queue.Queue, run: Run) -> None:
             replies.send(synced=True, errors=errors)
             continue
         try:
-            {"params": run.log_params, "tags": run.set_tags, "artifact": run.log_artifact,
-             "table": run.log_table}[op](**message)
+            run.apply(op, {"params": run.log_params, "tags": run.set_tags, "artifact": run.log_artifact,
+                           "table": run.log_table}[op], **message)
         except Exception as err:  # noqa: BLE001 - training goes on; the error is reported
             errors.append(f"{op}: {type(err).__name__}: {err}")
             replies.log("error", f"MLflow could not log {op}: {type(err).__name__}: {err}")
