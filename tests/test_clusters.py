@@ -11,7 +11,6 @@ the packages, where slurm-wlm and munge are not installed (``.ci/run`` installs 
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import signal
 import subprocess
@@ -20,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
 from conftest import QUICK, write_jsonl
 

@@ -6,7 +6,6 @@ Shared by every stage of the pipeline (sources -> checks -> formats -> tokenize 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from cpo_exp.config import SequenceLengths  # noqa: F401 - the limits every stage applies
 
