@@ -171,9 +171,12 @@ def run(dcfg: DictConfig) -> Optional[float]:
     check_device(cfg.hardware)
     check_sources(cfg)
     checkpoint.check_writable(cfg.output_dir)
-    with job_devices(cfg, job):
-        if cfg.hardware.num_processes > 1 and world_size == 1:
-            # This job trains on several processes: an accelerate launch of its own, which opens its run.
+    relaunched = job is not None and job.relaunched
+    with job_devices(cfg, job) as devices:
+        # A job on several processes, or on GPUs of its own (CUDA_VISIBLE_DEVICES counts only in a
+        # process that has not initialised CUDA yet, and joblib's workers run job after job), runs in
+        # processes of its own, which open its run.
+        if (cfg.hardware.num_processes > 1 or devices) and world_size == 1 and not relaunched:
             env = job.environment() if job is not None else {}
             return launch_processes(cfg, hydra_cfg.runtime.choices.get("hardware"), overrides, env)
         check_launcher(cfg.hardware.distributed, dict(os.environ))
@@ -213,8 +216,8 @@ def tracked_training(dcfg: DictConfig, cfg: Config, job: Optional[SweepJob], nam
 
 def job_devices(cfg: Config, job: Optional[SweepJob]):
     """``hardware.devices_per_job`` GPUs of this machine held for a sweep job (see job.claimed_devices)."""
-    if cfg.hardware.devices_per_job is None or job is None or job.record is None:
-        return contextlib.nullcontext()
+    if cfg.hardware.devices_per_job is None or job is None or job.record is None or job.relaunched:
+        return contextlib.nullcontext()  # a relaunched job's processes use what their launcher holds
     return claimed_devices(job.record.sweep_dir, cfg.hardware.devices_per_job, visible_gpus())
 
 

@@ -143,8 +143,8 @@ OBJECTIVE_FILE = "objective.json"
 
 def launch_processes(cfg: Config, hardware_preset: Optional[str], overrides: list[str],
                      env: dict[str, str]) -> Optional[float]:
-    """Run this job on ``hardware.num_processes`` processes through ``accelerate launch`` in its own run
-    dir, and return the objective its rank 0 wrote. The job's overrides are passed on unchanged;
+    """Run this job in processes of its own (``hardware.num_processes`` of them through ``accelerate
+    launch``, or one) in its own run dir, and return the objective its rank 0 wrote. The job's overrides are passed on unchanged;
     ``env`` tells the processes which sweep job they are (their rank 0 opens its MLflow run)."""
     import subprocess
     import sys
@@ -152,11 +152,15 @@ def launch_processes(cfg: Config, hardware_preset: Optional[str], overrides: lis
     from cpo_exp.launch import PRESETS, config_file
 
     n = cfg.hardware.num_processes
-    launcher = ["--config_file", str(config_file(hardware_preset))] if hardware_preset in PRESETS else ["--multi_gpu"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(n),
-               "--num_machines", "1", "--main_process_port", "0", "-m", "cpo_exp", *overrides,
-               f"hydra.run.dir={cfg.output_dir}"]
-    log.info("this job runs on %d processes: %s", n, " ".join(command[2:]))
+    job = [*overrides, f"hydra.run.dir={cfg.output_dir}"]
+    if n == 1:
+        command = [sys.executable, "-m", "cpo_exp", *job]
+    else:
+        launcher = (["--config_file", str(config_file(hardware_preset))] if hardware_preset in PRESETS
+                    else ["--multi_gpu"])
+        command = [sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", str(n),
+                   "--num_machines", "1", "--main_process_port", "0", "-m", "cpo_exp", *job]
+    log.info("this job runs on %d process%s: python %s", n, "es" if n > 1 else "", " ".join(command[1:]))
     objective = Path(cfg.output_dir) / OBJECTIVE_FILE
     objective.unlink(missing_ok=True)
     done = subprocess.run(command, env={**os.environ, **env})

@@ -262,3 +262,26 @@ def test_asking_for_more_gpus_than_are_visible_is_named():
     with pytest.raises(ConfigError, match=r"hardware.devices_per_job=2, but only 1 GPU\(s\) are visible \(0\)"):
         with claimed_devices("/tmp", 2, ["0"]):
             pass
+
+
+@pytest.mark.slow
+def test_parallel_sweep_jobs_with_gpus_of_their_own_train_in_fresh_processes_that_see_only_them(workdir):
+    """``hardware.devices_per_job=1`` beside two "visible GPUs" (CUDA_VISIBLE_DEVICES=0,1; the jobs
+    train on the CPU): each job holds one, and trains in a process of its own started with it."""
+    result = run_cli("-m", "loss=sigmoid,simpo", "hardware.devices_per_job=1", "hydra/launcher=joblib",
+                     "hydra.launcher.n_jobs=2", "train.max_steps=4", "train.logging_steps=2", "train.eval_steps=2",
+                     "data.max_eval_samples=8", "train.save_model=false", cwd=workdir,
+                     env={"CUDA_VISIBLE_DEVICES": "0,1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    logs = sorted(workdir.glob("outputs/multirun/*/*/*/cpo_exp.log"))
+    held = sorted(line.split("GPU(s) ")[1].split(" of ")[0] for log in logs for line in log.read_text().splitlines()
+                  if "this job runs on GPU(s)" in line)
+    # each job held one GPU (the same one twice only if the two jobs did not overlap) and trained in a
+    # process started after it held it
+    assert len(held) == 2 and set(held) <= {"0", "1"}
+    assert result.stderr.count("this job runs on 1 process: python -m cpo_exp") == 2
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlflow.db'}")
+    children = [r for r in client.search_runs([client.get_experiment_by_name("cpo_exp").experiment_id])
+                if r.data.tags.get("mlflow.parentRunId")]
+    assert sorted(r.data.tags["job_num"] for r in children) == ["0", "1"]  # one run per job
+    assert all(r.info.status == "FINISHED" for r in children)
