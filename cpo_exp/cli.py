@@ -25,7 +25,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 import cpo_exp
-from cpo_exp import checkpoint, interrupts
+from cpo_exp import checkpoint, interrupts, study
 from cpo_exp.checkpoint import CheckpointError
 from cpo_exp.config import Config, ConfigError, flatten, parse_override, unflatten, unknown_key, validate
 from cpo_exp.job import (USER_ERRORS, ProcessesFailed, RunClock, check_device, check_sources, claimed_devices,
@@ -44,8 +44,52 @@ def config_dir() -> str:
 
 ConfigStore.instance().store(name="cpo_exp_schema", node=Config)
 # conf/config.yaml: ``resume=<dir>`` makes <dir> the run dir (see there).
-OmegaConf.register_new_resolver("cpo_exp.if_resume", lambda resume, then, other: then if resume else other,
+OmegaConf.register_resolver("cpo_exp.if_resume", lambda resume, then, other: then if resume else other,
                                 replace=True)
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).splitlines() or [""])[0]  # SQLAlchemy appends a "Background on this error" line
+
+
+def trials_to_go(storage: Optional[str], study_name: str, size: int) -> int:
+    """conf/hparams_search: the sweeper's ``n_trials``, what the stored study lacks of ``size``."""
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError(f"objective.n_trials={size!r}: the size of an Optuna study must be an integer >= 1")
+    try:
+        return study.trials_to_go(storage, study_name, size)
+    except Exception as err:  # noqa: BLE001 - a bad URL or an unreachable database server
+        raise ConfigError(f"hydra.sweeper.storage={study.shown(storage)}: the Optuna study {study_name!r} cannot "
+                          f"be opened ({type(err).__name__}: {_first_line(err)}); give a reachable SQLAlchemy URL, e.g. "
+                          "sqlite:///optuna.db, or null for a study in memory") from None
+
+
+def study_seed(seed: Optional[int], storage: Optional[str], study_name: str) -> Optional[int]:
+    """conf/hparams_search: the sampler's seed, moved on by the trials the stored study holds."""
+    try:
+        return study.sampler_seed(seed, storage, study_name)
+    except Exception as err:  # noqa: BLE001 - as trials_to_go
+        raise ConfigError(f"hydra.sweeper.storage={study.shown(storage)}: the Optuna study {study_name!r} cannot "
+                          f"be opened ({type(err).__name__}: {_first_line(err)})") from None
+
+
+def _exit_on_config_error(resolver):
+    """A resolver's error would reach the user as Hydra's traceback of the sweeper's instantiation:
+    the command stops with one line instead, before the sweep has opened anything."""
+
+    def resolve(*args):
+        try:
+            return resolver(*args)
+        except ConfigError as err:
+            print(f"cpo_exp: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return resolve
+
+
+# Cached: the callback and the sweeper read each value once, and must see the same one.
+OmegaConf.register_resolver("cpo_exp.trials_to_go", _exit_on_config_error(trials_to_go), replace=True, use_cache=True)
+OmegaConf.register_resolver("cpo_exp.study_seed", _exit_on_config_error(study_seed), replace=True, use_cache=True)
 
 
 # Where the first run of this process starts its wall clock (see cpo_exp.job.RunTimes).
@@ -69,7 +113,7 @@ def check_overrides(overrides: list[str]) -> None:
 def compose_config(overrides: list[str]) -> Config:
     """The config that ``python -m cpo_exp <overrides>`` runs, composed with Hydra's compose API."""
     check_overrides(overrides)
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir()):
         return typed_config(compose("config", overrides=overrides))
 
 
@@ -236,7 +280,8 @@ def engine_errors() -> tuple[type[Exception], ...]:
     return (NonFiniteError,)
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")
+# Hydra 1.4 instantiates only what trusted code names: the sweep callback of conf/config.yaml.
+@hydra.main(config_path=config_dir(), config_name="config", execution_whitelist=["cpo_exp.sweep.SweepCallback"])
 def main(dcfg: DictConfig) -> Optional[float]:
     try:
         return run(dcfg)
@@ -266,4 +311,27 @@ def entry() -> None:
     except ConfigError as err:
         print(f"cpo_exp: {err}", file=sys.stderr)
         sys.exit(2)
+    sys.argv[1:] = with_sweep_mode(sys.argv[1:])
     main()
+
+
+# Hydra's flags that choose what the command does: only one may be given.
+_MODE_FLAGS = {"-m", "--multirun", "-r", "--run", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion",
+               "-h", "--help", "--hydra-help", "--experimental-rerun"}
+# The config groups whose presets are sweeps (conf/sweep, conf/hparams_search).
+SWEEP_GROUPS = ("sweep", "hparams_search")
+
+
+def with_sweep_mode(args: list[str]) -> list[str]:
+    """``sweep=<preset>`` and ``hparams_search=<preset>`` run as a multirun without ``-m``.
+
+    Hydra 1.4 reads ``hydra.mode`` from the primary config and the command line only (no longer
+    from a preset), so the presets cannot say it themselves: the command line gets ``--multirun``.
+    """
+    if any(arg in _MODE_FLAGS or arg.split("=", 1)[0] in _MODE_FLAGS for arg in args):
+        return args
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key.lstrip("+") in SWEEP_GROUPS and value not in ("", "null"):
+            return ["--multirun", *args]
+    return args

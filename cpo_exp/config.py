@@ -244,6 +244,9 @@ class ObjectiveConfig:
 
     metric: str = "eval_rewards/accuracies"
     direction: str = "maximize"
+    # An Optuna search (hparams_search=...): how many COMPLETE trials its stored study should hold.
+    # A re-run of the same command runs only the trials still missing (see cpo_exp.study).
+    n_trials: Optional[int] = None
 
 
 @dataclass
@@ -432,6 +435,8 @@ def _validate_eval(cfg: Config) -> None:
     own = tuple(EVAL_PREFIX + name for name in LOSS_METRICS.get(cfg.loss.name, ()))  # e.g. ORPO's log odds
     _one_of("objective.metric", cfg.objective.metric, OBJECTIVE_METRICS + own + generated)
     _one_of("objective.direction", cfg.objective.direction, ("maximize", "minimize"))
+    if cfg.objective.n_trials is not None:
+        _require(cfg.objective.n_trials >= 1, "objective.n_trials", "must be >= 1, or null", cfg.objective.n_trials)
     _require(0 < cfg.report.confidence < 1, "report.confidence", "must be in (0, 1)", cfg.report.confidence)
 
 

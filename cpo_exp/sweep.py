@@ -15,9 +15,11 @@ in the launching process before the first job starts and after the last one retu
 Status of the parent: it says what the command said. FINISHED when Hydra completes the sweep
 (exit code 0; with Optuna's ``max_failure_rate`` that may include tolerated failed trials, counted
 in the ``failed_jobs`` tag); FAILED when the sweep is aborted, which is how Hydra ends a sweep
-with a failed job: the other jobs of the batch finish, then Hydra raises and exits non-zero
-without calling ``on_multirun_end``, so the parent is ended at process exit instead; KILLED
-when Ctrl-C or SIGTERM stopped it (also ended at process exit).
+with a failed job: the other jobs of the batch finish, then Hydra raises and exits non-zero;
+KILLED when Ctrl-C or SIGTERM stopped it. Hydra 1.4 calls ``on_multirun_end`` on its way out in
+all three cases (from a ``finally``), so the exception on its way tells them apart; a process
+that dies before that ends the parent at exit. An Optuna search stopped early marks the trials it
+left running FAIL in its stored study (:func:`cpo_exp.study.fail_unfinished`).
 
 Hydra turns any exception raised by a callback into a warning, so nothing here can stop a
 sweep; checks that must reject a job live in :class:`SweepJob`, which the entry point runs in
@@ -31,9 +33,11 @@ here import MLflow (the store does).
 from __future__ import annotations
 
 import atexit
+import datetime
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -41,10 +45,10 @@ from typing import Any, Optional
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from cpo_exp import interrupts
-from cpo_exp.config import ConfigError, TrackingConfig, parse_override
+from cpo_exp import interrupts, study
+from cpo_exp.config import ConfigError, TrackingConfig, flatten, parse_override
 from cpo_exp.report import write_report
 from cpo_exp.tracking import check_reachable, redact, tracking_uri
 from cpo_exp.tracking.store import Store, SweepRecord, best_run
@@ -53,7 +57,29 @@ log = logging.getLogger(__name__)
 
 
 def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
+
+
+# Resolvers read from an Optuna study's state (conf/hparams_search): their value changes as trials
+# complete, so a job that resolves them again sees another value than its sweep did.
+STUDY_STATE = ("cpo_exp.trials_to_go", "cpo_exp.study_seed")
+
+
+def _is_study_state(raw: Any) -> bool:
+    return isinstance(raw, str) and any(name in raw for name in STUDY_STATE)
+
+
+def _settings(node: DictConfig, raw: Optional[dict] = None) -> dict[str, Any]:
+    """A launcher's or sweeper's settings, resolved, less those read from a study's state."""
+    raw = OmegaConf.to_container(node, resolve=False) if raw is None else raw
+    return {key: _settings(node[key], value) if isinstance(value, dict) and value else _container(node[key])
+            for key, value in raw.items() if not _is_study_state(value)}
+
+
+def _like(settings: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` less what :func:`_settings` leaves out of a node whose unresolved form is ``raw``."""
+    return {key: _like(value, raw[key]) if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
+            for key, value in settings.items() if not _is_study_state(raw.get(key))}
 
 
 def _plugin_name(node: dict[str, Any]) -> str:
@@ -73,9 +99,11 @@ class SweepCallback(Callback):
         self.record: Optional[SweepRecord] = None
         self._store: Optional[Store] = None
         self._ended = False
+        self._started = datetime.datetime.now()  # Optuna's trial times are naive local times too
 
     # ---------------------------------------------------------------- start
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._started = datetime.datetime.now()
         hydra = config.hydra
         record = SweepRecord(
             sweep_dir=str(hydra.sweep.dir),
@@ -112,7 +140,7 @@ class SweepCallback(Callback):
         }
         for key in ("n_trials", "direction", "storage", "study_name"):
             if key in record.sweeper:
-                params[f"sweep.{key}"] = record.sweeper[key]
+                params[f"sweep.{key}"] = study.shown(record.sweeper[key]) if key == "storage" else record.sweeper[key]
         if "n_jobs" in record.launcher:
             params["sweep.launcher.n_jobs"] = record.launcher["n_jobs"]
         store.log_params(run_id, params)
@@ -126,7 +154,18 @@ class SweepCallback(Callback):
 
     # ---------------------------------------------------------------- end
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        self._end("FINISHED")
+        stopped = sys.exc_info()[1]  # Hydra calls this from a ``finally``: the exception on its way out
+        if stopped is None:
+            self._end("FINISHED")
+            return
+        storage = (self.record.sweeper if self.record is not None else {}).get("storage")
+        if storage:
+            try:
+                study.fail_unfinished(storage, self.record.sweeper["study_name"], self._started)
+            except Exception as err:  # noqa: BLE001 - the parent run must still be ended
+                log.warning("could not mark the unfinished Optuna trials FAIL: %s: %s", type(err).__name__, err)
+        killed = interrupts.stopped_by() or isinstance(stopped, KeyboardInterrupt)
+        self._end("KILLED" if killed else "FAILED")
 
     def _end_at_exit(self) -> None:
         """The sweep never reached on_multirun_end: a job failed, or a signal stopped it."""
@@ -171,6 +210,9 @@ def summarise_parent(store: Store, record: SweepRecord) -> None:
         if "best_value" in result:
             store.log_metric(run_id, "optuna/best_value", float(result["best_value"]))
             store.log_params(run_id, {f"optuna.best_params.{k}": v for k, v in result.get("best_params", {}).items()})
+    storage = record.sweeper.get("storage")
+    if storage:  # the whole study, this command's trials and those of the commands before it
+        store.set_tags(run_id, {"optuna.complete_trials": study.complete_trials(storage, record.sweeper["study_name"])})
     multirun_yaml = Path(record.sweep_dir) / "multirun.yaml"
     if multirun_yaml.is_file():
         store.log_artifact(run_id, str(multirun_yaml))
@@ -261,7 +303,8 @@ class SweepJob:
             return
         hydra_cfg = HydraConfig.get()
         for part, running in (("launcher", self.record.launcher), ("sweeper", self.record.sweeper)):
-            composed = _container(hydra_cfg[part])
+            raw = OmegaConf.to_container(hydra_cfg[part], resolve=False)
+            composed, running = flatten(_settings(hydra_cfg[part], raw)), flatten(_like(running, raw))
             if composed == running:
                 continue
             if composed.get("_target_") != running.get("_target_"):

@@ -43,7 +43,7 @@ def compose():
 
     def compose_config(overrides=(), hydra: bool = False):
         GlobalHydra.instance().clear()  # whatever a test before left initialized
-        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        with initialize_config_dir(config_dir=config_dir()):
             cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=hydra)
         return cfg if hydra else OmegaConf.to_object(cfg)
 

@@ -239,7 +239,7 @@ def test_dpo_rewards_and_orpo_rewards_carry_no_gradient():
 # --------------------------------------------------------------------------- the presets
 
 def compose_config(overrides: list[str]) -> Config:
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir()):
         return OmegaConf.to_object(compose("config", overrides=overrides))
 
 
@@ -298,7 +298,7 @@ def test_simpo_paper_baseline_presets_compose_validate_and_set_only_the_loss(pre
 
 
 def test_loss_variants_sweep_lists_every_loss_and_each_job_validates():
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+    with initialize_config_dir(config_dir=config_dir()):
         hydra_cfg = compose("config", overrides=["sweep=loss_variants"], return_hydra_config=True)
     losses = str(hydra_cfg.hydra.sweeper.params.loss).split(",")
     assert sorted(losses) == sorted(LOSS_TYPES)

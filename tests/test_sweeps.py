@@ -20,7 +20,7 @@ from PIL import Image
 
 from conftest import QUICK, run_cli
 
-from cpo_exp.cli import config_dir
+from cpo_exp.cli import config_dir, with_sweep_mode
 from cpo_exp.config import validate
 from cpo_exp.report import REPORT_FILES
 from cpo_exp.report import main as report_main
@@ -57,8 +57,8 @@ def test_recipes_carry_the_published_loss_settings(compose):
 
 @pytest.mark.parametrize("name", _presets("sweep"))
 def test_every_sweep_preset_is_a_multirun_whose_jobs_all_compose(compose, name):
+    assert with_sweep_mode([f"sweep={name}", "train.seed=1"]) == ["--multirun", f"sweep={name}", "train.seed=1"]
     cfg = compose([f"sweep={name}"], hydra=True)
-    assert cfg.hydra.mode.name == "MULTIRUN"
     params = cfg.hydra.sweeper.params
     assert params
     import itertools
@@ -70,12 +70,19 @@ def test_every_sweep_preset_is_a_multirun_whose_jobs_all_compose(compose, name):
 
 @pytest.mark.parametrize("name", _presets("hparams_search"))
 def test_every_hparams_search_preset_composes_with_its_direction_from_the_objective(compose, name):
+    assert with_sweep_mode([f"hparams_search={name}"]) == ["--multirun", f"hparams_search={name}"]
     cfg = compose([f"hparams_search={name}", "objective.direction=minimize"], hydra=True)
-    assert cfg.hydra.mode.name == "MULTIRUN"
     assert cfg.hydra.sweeper._target_.endswith("OptunaSweeper")
     assert cfg.hydra.sweeper.direction == "minimize"
     assert cfg.hydra.sweeper.params
     validate(compose([f"hparams_search={name}"]))
+
+
+def test_only_a_sweep_preset_adds_the_multirun_flag_and_never_beside_another_mode_flag():
+    for args in (["loss=simpo"], ["sweep=null"], ["hparams_search="], ["-m", "sweep=simpo_grid"],
+                 ["--cfg", "job", "sweep=simpo_grid"], ["sweep=simpo_grid", "--help"], ["--info=config", "sweep=a"]):
+        assert with_sweep_mode(args) == args
+    assert with_sweep_mode(["+sweep=simpo_grid"])[0] == "--multirun"
 
 
 def test_an_unknown_objective_metric_is_named(compose):
@@ -232,11 +239,14 @@ def test_report_from_the_sweep_dir_or_the_parent_run_id(failed_sweep, tmp_path):
 
 @pytest.mark.slow
 def test_optuna_search_returns_the_objective_and_records_the_best_trial(workdir):
-    result = run_cli("hparams_search=optuna_simpo", "hydra.sweeper.n_trials=3", *QUICK_SWEEP, cwd=workdir)
+    result = run_cli("hparams_search=optuna_simpo", "objective.n_trials=3", *QUICK_SWEEP, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
     parent, children = _parent_and_children(_store(workdir))
     assert parent.data.params["sweep.direction"] == "maximize"  # from objective.direction
     assert parent.info.status == "FINISHED" and len(children) == 3
+    # The study is stored where optuna-dashboard can read it, next to the MLflow store.
+    assert parent.data.params["sweep.storage"] == f"sqlite:///{workdir / 'optuna.db'}"
+    assert parent.data.tags["optuna.complete_trials"] == "3"
     values = [r.data.metrics["eval_rewards/accuracies"] for r in children]
     assert parent.data.metrics["optuna/best_value"] == max(values)
     assert {"optuna.best_params.beta", "optuna.best_params.simpo_gamma_ratio",
@@ -247,6 +257,72 @@ def test_optuna_search_returns_the_objective_and_records_the_best_trial(workdir)
         assert 2.0 <= beta <= 10.0 and 0.3 <= ratio <= 0.8
     assert {r.data.tags["choice/loss"] for r in children} == {"simpo"}
     assert (_sweep_dir(workdir) / "optimization_results.yaml").is_file()
+
+
+def _trials(workdir: Path) -> list:
+    import optuna
+
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    if "optuna_simpo" not in optuna.study.get_all_study_names(storage):
+        return []
+    return optuna.load_study(study_name="optuna_simpo", storage=storage).trials
+
+
+@pytest.mark.slow
+def test_an_interrupted_optuna_search_run_again_continues_its_study_to_its_size(workdir):
+    from optuna.trial import TrialState
+
+    # Trials long enough (60 steps) to be stopped in training, as a user's Ctrl-C would be.
+    command = ["hparams_search=optuna_simpo", "objective.n_trials=5", "train.max_steps=60", "train.logging_steps=3",
+               "train.eval_steps=30", "data.max_eval_samples=16", "train.save_model=false"]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "cpo_exp", *command], cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    # Stop it once two trials are complete and the third is training.
+    while not any("step 3/60" in log.read_text() for log in workdir.glob("outputs/multirun/*/*/2/cpo_exp.log")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the search never reached its third trial"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert [t.state for t in _trials(workdir)] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL]
+    assert "did not finish and are marked FAIL" in stderr
+
+    result = run_cli(*command, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "holds 2 of 5 complete trials: running 3 more" in result.stdout + result.stderr
+    trials = _trials(workdir)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] + [TrialState.COMPLETE] * 3
+    # The resumed command draws new points (its sampler seed moved on with the study).
+    points = [tuple(sorted(t.params.items())) for t in trials]
+    assert len(set(points)) == len(points)
+    client = _store(workdir)
+    runs = client.search_runs([client.get_experiment_by_name("cpo_exp").experiment_id])
+    parents = sorted((r for r in runs if r.data.tags.get("sweep_role") == "parent"), key=lambda r: r.info.start_time)
+    assert [p.info.status for p in parents] == ["KILLED", "FINISHED"]
+    second = parents[1]
+    assert second.data.tags["optuna.complete_trials"] == "5" and second.data.params["sweep.n_trials"] == "3"
+    complete = [t.value for t in trials if t.state == TrialState.COMPLETE]
+    assert second.data.metrics["optuna/best_value"] == max(complete)  # over the whole study
+
+    again = run_cli(*command, cwd=workdir)  # a complete study: nothing more to run
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "is complete (5 trials): nothing to run" in again.stdout + again.stderr
+    assert len(_trials(workdir)) == 6
+
+
+def test_an_optuna_study_that_cannot_be_opened_stops_the_search_before_any_job(workdir):
+    started = time.monotonic()
+    result = run_cli("hparams_search=optuna_simpo", "hydra.sweeper.storage=sqlite:////no/such/dir/optuna.db",
+                     *QUICK_SWEEP, cwd=workdir, timeout=120)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "hydra.sweeper.storage=sqlite:////no/such/dir/optuna.db: the Optuna study 'optuna_simpo' cannot be " \
+           "opened" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert not list(workdir.glob("outputs/multirun/*/*/0")), "a job ran"
+    assert time.monotonic() - started < 60
 
 
 @pytest.mark.slow
