@@ -206,8 +206,6 @@ def run(dcfg: DictConfig) -> Optional[float]:
     name = cfg.tracking.run_name or (job.run_name() if job is not None else run_name(redact(overrides)))
     try:
         validate(cfg)
-        if job is not None:
-            job.check()
     except ConfigError as err:
         if job is not None:  # the sweep's report must show the rejected job
             job.record_rejected(cfg.tracking, hydra_cfg.runtime.cwd, name, tags, err)

@@ -22,8 +22,8 @@ that dies before that ends the parent at exit. An Optuna search stopped early ma
 left running FAIL in its stored study (:func:`cpo_exp.study.fail_unfinished`).
 
 Hydra turns any exception raised by a callback into a warning, so nothing here can stop a
-sweep; checks that must reject a job live in :class:`SweepJob`, which the entry point runs in
-each job before any compute.
+sweep. A swept value that would change the launcher or the sweeper (which run once, for the
+whole sweep) is refused by Hydra 1.4 itself when it composes that job.
 
 Imports point one way: this module (Hydra's side) uses :mod:`cpo_exp.report` and
 :mod:`cpo_exp.tracking.store`; neither of them imports this one, nor Hydra, nor does anything
@@ -45,10 +45,10 @@ from typing import Any, Optional
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from cpo_exp import interrupts, study
-from cpo_exp.config import ConfigError, TrackingConfig, flatten, parse_override
+from cpo_exp.config import TrackingConfig, parse_override
 from cpo_exp.report import write_report
 from cpo_exp.tracking import check_reachable, redact, tracking_uri
 from cpo_exp.tracking.store import Store, SweepRecord, best_run
@@ -57,33 +57,7 @@ log = logging.getLogger(__name__)
 
 
 def _container(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
-
-
-# Resolvers read from an Optuna study's state (conf/hparams_search): their value changes as trials
-# complete, so a job that resolves them again sees another value than its sweep did.
-STUDY_STATE = ("cpo_exp.trials_to_go", "cpo_exp.study_seed")
-
-
-def _is_study_state(raw: Any) -> bool:
-    return isinstance(raw, str) and any(name in raw for name in STUDY_STATE)
-
-
-def _settings(node: DictConfig, raw: Optional[dict] = None) -> dict[str, Any]:
-    """A launcher's or sweeper's settings, resolved, less those read from a study's state."""
-    raw = OmegaConf.to_container(node, resolve=False) if raw is None else raw
-    return {key: _settings(node[key], value) if isinstance(value, dict) and value else _container(node[key])
-            for key, value in raw.items() if not _is_study_state(value)}
-
-
-def _like(settings: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
-    """``settings`` less what :func:`_settings` leaves out of a node whose unresolved form is ``raw``."""
-    return {key: _like(value, raw[key]) if isinstance(value, dict) and isinstance(raw.get(key), dict) else value
-            for key, value in settings.items() if not _is_study_state(raw.get(key))}
-
-
-def _plugin_name(node: dict[str, Any]) -> str:
-    return str(node.get("_target_", "?")).rsplit(".", 1)[-1]
+    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
 
 
 def _tracking_config(config: DictConfig) -> TrackingConfig:
@@ -291,34 +265,6 @@ class SweepJob:
         if r is None or not r.parent_run_id or (uri, experiment_name) != (r.tracking_uri, r.experiment_name):
             return None
         return r.parent_run_id
-
-    def check(self) -> None:
-        """Reject a launcher or sweeper that this job's config sets but the sweep does not run.
-
-        Hydra picks the launcher and the sweeper once, from the config composed without the swept
-        overrides. A swept value that selects or configures one (``-m experiment=a,b`` where ``a``
-        sets ``hydra/launcher``) lands in the job's config and is silently ignored.
-        """
-        if self.record is None or self.relaunched:  # checked by the process that relaunched it
-            return
-        hydra_cfg = HydraConfig.get()
-        for part, running in (("launcher", self.record.launcher), ("sweeper", self.record.sweeper)):
-            raw = OmegaConf.to_container(hydra_cfg[part], resolve=False)
-            composed, running = flatten(_settings(hydra_cfg[part], raw)), flatten(_like(running, raw))
-            if composed == running:
-                continue
-            if composed.get("_target_") != running.get("_target_"):
-                asked, runs = _plugin_name(composed), _plugin_name(running)
-            else:
-                keys = sorted(k for k in set(composed) | set(running) if composed.get(k) != running.get(k))
-                asked = ", ".join(f"{k}={composed.get(k)!r}" for k in keys)
-                runs = ", ".join(f"{k}={running.get(k)!r}" for k in keys)
-            raise ConfigError(
-                f"job {self.num} ({' '.join(self.overrides)}) sets hydra.{part} to {asked}, but this sweep "
-                f"runs with {runs}. Hydra picks the {part} once, before it applies the swept overrides, so "
-                f"the setting would be silently ignored: choose the {part} on the command line (e.g. "
-                f"hydra/{part}=... hydra.{part}.<key>=...) or in a preset that is not swept."
-            )
 
     def record_rejected(self, tracking: TrackingConfig, launch_dir: str, name: str, tags: dict[str, Any],
                         err: BaseException) -> None:
