@@ -61,7 +61,7 @@ def parse_override(override: str) -> Optional[tuple[str, str]]:
 
 @dataclass(frozen=True)
 class SequenceLengths:
-    """Length limits, as in TRL's CPOConfig (see README, "Data formats", truncation rules)."""
+    """Length limits, as in TRL's CPOConfig (see docs/data.md, "Tokenization and truncation")."""
 
     max_length: int = 1024
     max_prompt_length: Optional[int] = 512
@@ -209,7 +209,7 @@ class HardwareConfig:
 @dataclass
 class EngineConfig:
     """How the pair forward is computed. Every switch gives the plain path's loss, metrics and
-    gradients (to float32 rounding); only speed and memory change (see README, Performance).
+    gradients (to float32 rounding); only speed and memory change (see docs/scale.md, "Performance switches").
 
     ``logits``: ``full`` materialises ``[2B, T, V]`` logits as TRL does; ``chunked`` fuses the
     head with the log-softmax over completion positions, ``logits_chunk_size`` rows at a time.

@@ -146,7 +146,7 @@ def _hidden_state_forward(model, batch: dict, average: bool, chunk_size: int) ->
     direction = mean_logit_direction(weight, bias)
     if packed:
         # The mean over the real tokens of each half: a packed batch has no padding positions,
-        # which TRL's figure includes (see README, Performance).
+        # which TRL's figure includes (see docs/performance.md).
         token_means = (hidden.detach().float() @ direction[0])[batch["token_index"]]
         chosen = batch["token_seq"] < batch["num_pairs"]
         logit_means = token_means[chosen].mean() + direction[1], token_means[~chosen].mean() + direction[1]

@@ -3,7 +3,7 @@
 The prompt is tokenized on its own, each completion as the tail of ``tokenize(prompt +
 completion)`` (TRL's ``build_tokenized_answer``), BOS is prepended once, EOS appended once,
 and prompt labels are -100, so that log-probabilities are comparable with TRL's. The
-truncation rules are in the README ("Data formats"); with ``max_prompt_length=None`` and
+truncation rules are in docs/data.md ("Tokenization and truncation"); with ``max_prompt_length=None`` and
 ``max_completion_length=None`` they are TRL 1.16's exactly.
 
 A tokenized split is written once to the ``datasets`` cache under a key made of the data's
@@ -106,7 +106,7 @@ def encode_pair(row: dict[str, str], tokenizer, lengths: SequenceLengths) -> tup
 
 
 def tokenize_row(row: dict[str, str], tokenizer, lengths: SequenceLengths) -> dict[str, list[int]]:
-    """Token ids and labels of one standard-format pair, truncated as described in the README."""
+    """Token ids and labels of one standard-format pair, truncated as described in docs/data.md."""
     return encode_pair(row, tokenizer, lengths)[0]
 
 
