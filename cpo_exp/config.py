@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from cpo_exp.losses import LOSS_TYPES, NO_LABEL_SMOOTHING, NO_REWARD_SHAPE, LossSpec
+from cpo_exp.losses import LOSS_TYPES, MARGIN_LOSSES, NO_LABEL_SMOOTHING, NO_REWARD_SHAPE, LossSpec
 from cpo_exp.metrics import EVAL_PREFIX, LOSS_METRICS, PAIR_METRICS
 from cpo_exp.scorers import resolve_scorer
 
@@ -346,6 +346,12 @@ def _validate_loss(cfg: Config) -> None:
     if cfg.simpo_gamma_ratio is not None:
         _require(math.isfinite(cfg.simpo_gamma_ratio) and cfg.simpo_gamma_ratio >= 0, "simpo_gamma_ratio",
                  "must be >= 0 and finite, or null", cfg.simpo_gamma_ratio)
+        if cfg.loss.name not in MARGIN_LOSSES:
+            raise ConfigError(
+                f"simpo_gamma_ratio={cfg.simpo_gamma_ratio} has no meaning for loss={cfg.loss.name}: it sets SimPO's "
+                f"target margin (simpo_gamma = simpo_gamma_ratio * beta), which only loss="
+                f"{' and loss='.join(sorted(MARGIN_LOSSES))} have. Set simpo_gamma_ratio=null or use loss=simpo."
+            )
     _require(math.isfinite(cfg.alpha), "alpha", "must be finite", cfg.alpha)
     if cfg.alpha != 0 and cfg.loss.name in NO_REWARD_SHAPE:
         raise ConfigError(

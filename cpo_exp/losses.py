@@ -50,6 +50,8 @@ NO_LABEL_SMOOTHING = frozenset({"hinge", "ipo", "orpo"})
 REFERENCE_LOSSES = frozenset({"dpo"})
 # Losses with a reward of their own, to which AlphaPO's reward shape (``alpha``) does not apply.
 NO_REWARD_SHAPE = frozenset({"orpo", "dpo"})
+# Losses with SimPO's target reward margin (``simpo_gamma``).
+MARGIN_LOSSES = frozenset({"simpo", "alphapo"})
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,7 @@ def preference_loss(
         chosen_r, rejected_r = chosen_logps, rejected_logps
     logits = chosen_r - rejected_r
 
-    if spec.name in ("simpo", "alphapo"):
+    if spec.name in MARGIN_LOSSES:
         losses = simpo_loss(logits, spec.beta, spec.simpo_gamma, spec.label_smoothing)
     elif spec.name == "sigmoid":
         losses = sigmoid_loss(logits, spec.beta, spec.label_smoothing)

@@ -142,3 +142,12 @@ def test_simpo_gamma_ratio_sets_the_margin_as_a_share_of_beta(compose):
     cfg = compose(["loss=simpo", "simpo_gamma_ratio=-1"])
     with pytest.raises(ConfigError, match=r"simpo_gamma_ratio must be >= 0 and finite, or null \(got -1.0\)"):
         validate(cfg)
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "hinge", "ipo", "orpo", "dpo"])
+def test_simpo_gamma_ratio_is_refused_for_a_loss_without_a_margin(compose, loss):
+    cfg = compose([f"loss={loss}", "simpo_gamma_ratio=0.5"])
+    with pytest.raises(ConfigError, match=rf"simpo_gamma_ratio=0.5 has no meaning for loss={loss}: .*"
+                                          r"only loss=alphapo and loss=simpo have"):
+        validate(cfg)
+    validate(compose(["loss=alphapo", "simpo_gamma_ratio=0.5"]))
