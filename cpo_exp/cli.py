@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -310,7 +311,13 @@ def entry() -> None:
         print(f"cpo_exp: {err}", file=sys.stderr)
         sys.exit(2)
     sys.argv[1:] = with_sweep_mode(sys.argv[1:])
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        # Ctrl-C outside a job's training (loading, or between a sweep's jobs): the runs and the sweep's
+        # parent are already ended KILLED on the way out; the user needs one line, not a traceback.
+        print("cpo_exp: stopped by SIGINT before training began (nothing to resume)", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 # Hydra's flags that choose what the command does: only one may be given.

@@ -194,6 +194,27 @@ def test_a_sweep_stopped_by_a_signal_ends_its_parent_run_killed(workdir, sig):
     assert parent.info.status == "KILLED", stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_ctrl_c_between_a_sweeps_jobs_ends_it_killed_in_one_line(workdir):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "cpo_exp", "-m", "loss=sigmoid,simpo,ipo", *QUICK_SWEEP],
+                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    # The first job has ended its run: the signal lands while Hydra sets the second one up.
+    while not any("to look at it" in log.read_text() for log in workdir.glob("outputs/multirun/*/*/0/cpo_exp.log")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the first job never finished"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert "cpo_exp: stopped by SIGINT" in stderr
+    parent, children = _parent_and_children(_store(workdir))
+    assert parent.info.status == "KILLED"
+    assert [r.info.status for r in sorted(children, key=lambda r: r.data.tags["job_num"])][0] == "FINISHED"
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+
+
 @pytest.fixture(scope="module")
 def failed_sweep(tmp_path_factory):
     """A sweep with one impossible job (beta=-1), run once for the tests below."""
