@@ -174,21 +174,28 @@ def test_parallel_jobs_on_a_fresh_sqlite_store_all_complete_sharing_the_cores(wo
     assert {r.data.params["hardware.torch_threads"] for r in children} == {str(expected)}
 
 
+def _interrupt(workdir: Path, args: list[str], job: int, line: str, sig: int = signal.SIGINT,
+               timeout: float = 180) -> tuple[int, str]:
+    """``python -m cpo_exp ARGS``, sent ``sig`` once sweep job ``job``'s log holds ``line``: (exit status, stderr)."""
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen([sys.executable, "-m", "cpo_exp", *args], cwd=workdir, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + timeout
+    while not any(line in log.read_text() for log in workdir.glob(f"outputs/multirun/*/*/{job}/cpo_exp.log")):
+        assert proc.poll() is None and time.monotonic() < deadline, f"job {job} never logged {line!r}"
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    return proc.returncode, stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_a_sweep_stopped_by_a_signal_ends_its_parent_run_killed(workdir, sig):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([sys.executable, "-m", "cpo_exp", "-m", "loss=sigmoid,simpo", "train.max_steps=5000",
-                             "train.logging_steps=2", "train.eval_steps=null", "train.save_steps=null",
-                             "data.max_eval_samples=8", "train.save_model=false"],
-                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while not any("step 4/5000" in log.read_text() for log in workdir.glob("outputs/multirun/*/*/0/cpo_exp.log")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the first job never trained"
-        time.sleep(0.2)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + sig, stderr[-3000:]
+    returncode, stderr = _interrupt(workdir, ["-m", "loss=sigmoid,simpo", "train.max_steps=5000", "train.logging_steps=2",
+                                              "train.eval_steps=null", "train.save_steps=null", "data.max_eval_samples=8",
+                                              "train.save_model=false"], job=0, line="step 4/5000", sig=sig)
+    assert returncode == 128 + sig, stderr[-3000:]
     parent, children = _parent_and_children(_store(workdir))
     assert [r.info.status for r in children] == ["KILLED"]  # the second job never started
     assert parent.info.status == "KILLED", stderr[-3000:]
@@ -196,17 +203,9 @@ def test_a_sweep_stopped_by_a_signal_ends_its_parent_run_killed(workdir, sig):
 
 @pytest.mark.slow
 def test_ctrl_c_between_a_sweeps_jobs_ends_it_killed_in_one_line(workdir):
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([sys.executable, "-m", "cpo_exp", "-m", "loss=sigmoid,simpo,ipo", *QUICK_SWEEP],
-                            cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    # The first job has ended its run: the signal lands while Hydra sets the second one up.
-    while not any("to look at it" in log.read_text() for log in workdir.glob("outputs/multirun/*/*/0/cpo_exp.log")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the first job never finished"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    # Once the first job has ended its run: the signal lands while Hydra sets the second one up.
+    returncode, stderr = _interrupt(workdir, ["-m", "loss=sigmoid,simpo,ipo", *QUICK_SWEEP], job=0, line="to look at it")
+    assert returncode == 128 + signal.SIGINT, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert "cpo_exp: stopped by SIGINT" in stderr
     parent, children = _parent_and_children(_store(workdir))
@@ -296,17 +295,9 @@ def test_an_interrupted_optuna_search_run_again_continues_its_study_to_its_size(
     # Trials long enough (60 steps) to be stopped in training, as a user's Ctrl-C would be.
     command = ["hparams_search=optuna_simpo", "objective.n_trials=5", "train.max_steps=60", "train.logging_steps=3",
                "train.eval_steps=30", "data.max_eval_samples=16", "train.save_model=false"]
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    proc = subprocess.Popen([sys.executable, "-m", "cpo_exp", *command], cwd=workdir, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    # Stop it once two trials are complete and the third is training.
-    while not any("step 3/60" in log.read_text() for log in workdir.glob("outputs/multirun/*/*/2/cpo_exp.log")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the search never reached its third trial"
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 128 + signal.SIGINT, stderr[-3000:]
+    # Stopped once two trials are complete and the third is training.
+    returncode, stderr = _interrupt(workdir, command, job=2, line="step 3/60", timeout=300)
+    assert returncode == 128 + signal.SIGINT, stderr[-3000:]
     assert [t.state for t in _trials(workdir)] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL]
     assert "did not finish and are marked FAIL" in stderr
 
