@@ -285,8 +285,12 @@ def main(dcfg: DictConfig) -> Optional[float]:
     try:
         return run(dcfg)
     except interrupts.Stopped as err:
-        if err.checkpoint:
-            log.error("%s; continue with: python -m cpo_exp resume=%s", err, HydraConfig.get().runtime.output_dir)
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode == RunMode.MULTIRUN and "optuna" in str(hydra_cfg.sweeper.get("_target_", "")):
+            # The trial is failed in the study (see cpo_exp.study); resuming the job alone would tell Optuna nothing.
+            log.error("%s; run the same command again to continue the Optuna study", err)
+        elif err.checkpoint:
+            log.error("%s; continue with: python -m cpo_exp resume=%s", err, hydra_cfg.runtime.output_dir)
         else:
             log.error("%s (stopped before training began: nothing to resume)", err)
         sys.exit(128 + err.signum)

@@ -300,6 +300,7 @@ def test_an_interrupted_optuna_search_run_again_continues_its_study_to_its_size(
     assert returncode == 128 + signal.SIGINT, stderr[-3000:]
     assert [t.state for t in _trials(workdir)] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL]
     assert "did not finish and are marked FAIL" in stderr
+    assert "run the same command again to continue the Optuna study" in stderr and "resume=" not in stderr
 
     result = run_cli(*command, cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
