@@ -53,25 +53,29 @@ def _first_line(err: BaseException) -> str:
     return (str(err).splitlines() or [""])[0]  # SQLAlchemy appends a "Background on this error" line
 
 
-def trials_to_go(storage: Optional[str], study_name: str, size: int) -> int:
-    """conf/hparams_search: the sweeper's ``n_trials``, what the stored study lacks of ``size``."""
-    if not isinstance(size, int) or size < 1:
-        raise ConfigError(f"objective.n_trials={size!r}: the size of an Optuna study must be an integer >= 1")
+@contextlib.contextmanager
+def _opening_study(storage: Optional[str], study_name: str):
+    """A bad URL or an unreachable database server, as one line naming ``hydra.sweeper.storage``."""
     try:
-        return study.trials_to_go(storage, study_name, size)
-    except Exception as err:  # noqa: BLE001 - a bad URL or an unreachable database server
+        yield
+    except Exception as err:  # noqa: BLE001 - whatever SQLAlchemy or its driver raises
         raise ConfigError(f"hydra.sweeper.storage={study.shown(storage)}: the Optuna study {study_name!r} cannot "
                           f"be opened ({type(err).__name__}: {_first_line(err)}); give a reachable SQLAlchemy URL, e.g. "
                           "sqlite:///optuna.db, or null for a study in memory") from None
 
 
+def trials_to_go(storage: Optional[str], study_name: str, size: int) -> int:
+    """conf/hparams_search: the sweeper's ``n_trials``, what the stored study lacks of ``size``."""
+    if not isinstance(size, int) or size < 1:
+        raise ConfigError(f"objective.n_trials={size!r}: the size of an Optuna study must be an integer >= 1")
+    with _opening_study(storage, study_name):
+        return study.trials_to_go(storage, study_name, size)
+
+
 def study_seed(seed: Optional[int], storage: Optional[str], study_name: str) -> Optional[int]:
     """conf/hparams_search: the sampler's seed, moved on by the trials the stored study holds."""
-    try:
+    with _opening_study(storage, study_name):
         return study.sampler_seed(seed, storage, study_name)
-    except Exception as err:  # noqa: BLE001 - as trials_to_go
-        raise ConfigError(f"hydra.sweeper.storage={study.shown(storage)}: the Optuna study {study_name!r} cannot "
-                          f"be opened ({type(err).__name__}: {_first_line(err)})") from None
 
 
 def _exit_on_config_error(resolver):

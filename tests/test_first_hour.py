@@ -105,14 +105,21 @@ def cache_model(hf_home: Path, repo_id: str) -> None:
 @pytest.mark.slow
 def test_cached_model_id_trains_offline_and_when_the_hub_is_down(workdir, hf_home, offline, no_hub):
     cache_model(hf_home, "cpo-exp-tests/tiny-qwen2")
-    args = ("model=hf", "model.name_or_path=cpo-exp-tests/tiny-qwen2", "model.random_init=true", *SHORT)
-    result = run_cli(*args, cwd=workdir, env=offline)
-    assert result.returncode == 0, result.stderr[-3000:]
-    result = run_cli(*args, cwd=workdir, env=no_hub)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "model.name_or_path=cpo-exp-tests/tiny-qwen2 is read from the local cache" in result.stderr
-    assert result.stderr.count("is read from the local cache") == 1  # once, not per file
-    assert "Retrying" not in result.stderr
+    _, hub_down = trains_offline_and_with_the_hub_down(
+        "model.name_or_path=cpo-exp-tests/tiny-qwen2", ("model=hf", "model.random_init=true"), workdir, offline, no_hub)
+    assert hub_down.count("is read from the local cache") == 1  # once, not per file
+
+
+def trains_offline_and_with_the_hub_down(hub_id: str, args: tuple, workdir, offline, no_hub) -> tuple[str, str]:
+    """Train with ``hub_id`` (a ``key=<id>`` override) offline, then with the hub unreachable; both stderrs."""
+    stderrs = []
+    for env in (offline, no_hub):
+        result = run_cli(*args, hub_id, *SHORT, cwd=workdir, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        stderrs.append(result.stderr)
+    assert f"{hub_id} is read from the local cache" in stderrs[1]
+    assert "Retrying" not in stderrs[1]
+    return stderrs[0], stderrs[1]
 
 
 def test_dataset_id_on_an_unreachable_hub_fails_in_one_line_without_retries(workdir, no_hub):
@@ -141,14 +148,9 @@ def cache_dataset(hf_home: Path, repo_id: str, rows: list[dict], workdir: Path) 
 @pytest.mark.slow
 def test_cached_dataset_id_trains_offline_and_when_the_hub_is_down(workdir, hf_home, offline, no_hub, toy_rows):
     cache_dataset(hf_home, "cpo-exp-tests/tiny_prefs", toy_rows * 2, workdir)
-    args = ("data=ultrafeedback", "data.path=cpo-exp-tests/tiny_prefs", *SHORT)
-    result = run_cli(*args, cwd=workdir, env=offline)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "train: 8 rows" in result.stderr
-    result = run_cli(*args, cwd=workdir, env=no_hub)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "data.path=cpo-exp-tests/tiny_prefs is read from the local cache" in result.stderr
-    assert "Retrying" not in result.stderr
+    offline_run, _ = trains_offline_and_with_the_hub_down(
+        "data.path=cpo-exp-tests/tiny_prefs", ("data=ultrafeedback",), workdir, offline, no_hub)
+    assert "train: 8 rows" in offline_run
 
 
 def test_dataset_id_offline_and_not_cached_says_so(workdir, offline):
